@@ -1,0 +1,521 @@
+"""SQLite storage of the ReasoningBank, with the single path every mutation goes through.
+
+:meth:`Store.commit` is the only way anything changes: it appends one change record per mutation
+(replica id, per-replica sequence number, hybrid logical timestamp, the change itself) and applies
+the mutation, in one SQLite transaction. A later replication layer ships those records to peers,
+which hand them to :meth:`Store.apply_remote`; both paths run the same apply functions, so a
+replica's state is always "the fold of its change log".
+
+Every apply function is idempotent and commutes with the others where replicas may race:
+
+* ``item.put`` is last-writer-wins on the hybrid logical timestamp; a deleted id stays deleted.
+* ``counter.set`` takes the per-origin maximum (a grow-only counter per origin).
+* ``item.touch`` keeps the latest ``last_used_at``.
+* links, trajectories, tenants and consolidation runs are insert-once.
+
+Durability: WAL mode; ``durability="full"`` makes every commit fsync before it returns, so an
+acknowledged write survives a crash of the process and of the machine; ``"normal"`` survives a
+crash of the process only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import apsw
+import msgpack
+
+from rayflow.errors import InvalidInputError, ItemNotFoundError, StorageError, UnknownTenantError
+from rayflow.hlc import HLCTimestamp, HybridLogicalClock
+from rayflow.ids import new_id
+from rayflow.memory.schema import migrate
+
+#: Change kinds, i.e. the complete vocabulary of the change log.
+CHANGE_KINDS = (
+    "tenant.put",
+    "item.put",
+    "item.delete",
+    "item.touch",
+    "counter.set",
+    "link.put",
+    "trajectory.put",
+    "consolidation.put",
+)
+#: Local-only request kinds, turned into a logged change inside the write transaction.
+#: ``counter.add`` increments this replica's counters: the log records the resulting absolute
+#: per-origin values (``counter.set``) so that applying it anywhere, any number of times, agrees.
+REQUEST_KINDS = (*CHANGE_KINDS, "counter.add")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One requested change, before it has a sequence number and timestamp."""
+
+    kind: str
+    entity_id: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One applied mutation as recorded in the change log (the unit of replication)."""
+
+    replica_id: str
+    seq: int
+    hlc: int
+    tenant: str
+    kind: str
+    entity_id: str
+    payload: dict[str, Any]
+
+    def encode(self) -> bytes:
+        """msgpack form, for a wire."""
+        return msgpack.packb(
+            [self.replica_id, self.seq, self.hlc, self.tenant, self.kind, self.entity_id, self.payload],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Change:
+        try:
+            fields = msgpack.unpackb(data, raw=False)
+            replica_id, seq, hlc, tenant, kind, entity_id, payload = fields
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise InvalidInputError(f"malformed change record: {exc}") from exc
+        if kind not in CHANGE_KINDS or not isinstance(payload, dict):
+            raise InvalidInputError(f"malformed change record of kind {kind!r}")
+        return cls(str(replica_id), int(seq), int(hlc), str(tenant), kind, str(entity_id), payload)
+
+
+class Store:
+    """The ReasoningBank's SQLite database: connections, migrations, the change log."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        replica_id: str = "",
+        durability: str = "full",
+        wall_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._synchronous = "FULL" if durability == "full" else "NORMAL"
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._all_connections: list[apsw.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._writer = self._connect()
+        migrate(self._writer)
+        self.replica_id = self._load_replica_id(replica_id)
+        (last_hlc,) = self._writer.execute("SELECT coalesce(max(hlc), 0) FROM changes").fetchone()
+        self.clock = HybridLogicalClock(wall_ms, last=last_hlc)
+        self._closed = False
+
+    # --- connections ------------------------------------------------------------------------
+    def _connect(self) -> apsw.Connection:
+        try:
+            conn = apsw.Connection(str(self.path))
+        except apsw.Error as exc:
+            raise StorageError(f"cannot open database {self.path}: {exc}") from exc
+        conn.setbusytimeout(10_000)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        with self._connections_lock:
+            self._all_connections.append(conn)
+        return conn
+
+    def reader(self) -> apsw.Connection:
+        """This thread's read connection (WAL lets readers run beside the writer)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[apsw.Connection]:
+        """A read transaction: every query inside sees one consistent state."""
+        conn = self.reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._connections_lock:
+            for conn in self._all_connections:
+                conn.close()
+            self._all_connections.clear()
+
+    # --- identity ---------------------------------------------------------------------------
+    def _load_replica_id(self, wanted: str) -> str:
+        row = self._writer.execute("SELECT value FROM meta WHERE key='replica_id'").fetchone()
+        if row is not None and (not wanted or wanted == row[0]):
+            return row[0]
+        replica_id = wanted or f"r{new_id().lower()}"
+        with self._writer:
+            self._writer.execute(
+                "INSERT INTO meta(key, value) VALUES('replica_id', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (replica_id,),
+            )
+        return replica_id
+
+    # --- the one mutation path --------------------------------------------------------------
+    def commit(self, tenant: str, mutations: Sequence[Mutation]) -> list[Change]:
+        """Record and apply ``mutations`` for ``tenant`` atomically; returns their change records.
+
+        Either every mutation is applied and logged, or (on any error) none is.
+        """
+        if not mutations:
+            return []
+        for mutation in mutations:
+            if mutation.kind not in REQUEST_KINDS:
+                raise InvalidInputError(f"unknown change kind {mutation.kind!r}")
+        with self._write_lock, self._write_transaction() as conn:
+            if mutations[0].kind != "tenant.put":
+                _require_tenant(conn, tenant)
+            (seq,) = conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM changes WHERE replica_id = ?", (self.replica_id,)
+            ).fetchone()
+            changes = []
+            for mutation in mutations:
+                if mutation.kind == "counter.add":
+                    mutation = _counter_increment_to_set(conn, tenant, mutation)
+                seq += 1
+                change = Change(
+                    self.replica_id,
+                    seq,
+                    self.clock.now().pack(),
+                    tenant,
+                    mutation.kind,
+                    mutation.entity_id,
+                    mutation.payload,
+                )
+                _append_change(conn, change)
+                _APPLY[change.kind](conn, change)
+                changes.append(change)
+            return changes
+
+    def apply_remote(self, changes: Sequence[Change]) -> int:
+        """Apply change records received from other replicas; returns how many were new.
+
+        Records already present (same replica id and sequence number) are skipped, so a peer may
+        resend freely.
+        """
+        applied = 0
+        with self._write_lock, self._write_transaction() as conn:
+            for change in changes:
+                if change.replica_id == self.replica_id:
+                    continue
+                seen = conn.execute(
+                    "SELECT 1 FROM changes WHERE replica_id = ? AND seq = ?",
+                    (change.replica_id, change.seq),
+                ).fetchone()
+                if seen:
+                    continue
+                self.clock.observe(HLCTimestamp.unpack(change.hlc))
+                if change.kind != "tenant.put":
+                    _require_tenant(conn, change.tenant)
+                _append_change(conn, change)
+                _APPLY[change.kind](conn, change)
+                applied += 1
+        return applied
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the database's own settings table (embedder, replica id, ...)."""
+        row = self.reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta_if_absent(self, key: str, value: str) -> str:
+        """Set a settings value unless one exists; returns the value now stored."""
+        with self._write_lock, self._write_transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            return conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+    def changes_since(self, replica_id: str, after_seq: int, limit: int = 1000) -> list[Change]:
+        """Change records of ``replica_id`` with sequence numbers above ``after_seq``, in order."""
+        rows = self.reader().execute(
+            "SELECT replica_id, seq, hlc, tenant, kind, entity_id, payload FROM changes "
+            "WHERE replica_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (replica_id, after_seq, limit),
+        )
+        return [
+            Change(r, s, h, t, k, e, msgpack.unpackb(p, raw=False)) for r, s, h, t, k, e, p in rows
+        ]
+
+    def version_vector(self) -> dict[str, int]:
+        """Highest sequence number held per replica: what this replica has seen."""
+        rows = self.reader().execute("SELECT replica_id, max(seq) FROM changes GROUP BY replica_id")
+        return {replica: seq for replica, seq in rows}
+
+    # --- local, non-replicated log ----------------------------------------------------------
+    def audit(
+        self,
+        *,
+        actor: str,
+        tenant: str,
+        op: str,
+        outcome: str,
+        namespace: str = "",
+        latency_ms: float | None = None,
+        detail: str = "",
+    ) -> None:
+        """Append one audit record (local to this replica; audits are evidence, not state)."""
+        with self._write_lock, self._write_transaction() as conn:
+            conn.execute(
+                "INSERT INTO audit(at, actor, tenant, op, namespace, outcome, latency_ms, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), actor, tenant, op, namespace, outcome, latency_ms, detail),
+            )
+
+    @contextmanager
+    def _write_transaction(self) -> Iterator[apsw.Connection]:
+        conn = self._writer
+        # IMMEDIATE takes the write lock up front, so two processes never deadlock upgrading.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+
+# --- apply functions (shared by local commits and remote changes) ------------------------------
+def _append_change(conn: apsw.Connection, change: Change) -> None:
+    conn.execute(
+        "INSERT INTO changes(replica_id, seq, hlc, tenant, kind, entity_id, payload) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            change.replica_id,
+            change.seq,
+            change.hlc,
+            change.tenant,
+            change.kind,
+            change.entity_id,
+            msgpack.packb(change.payload, use_bin_type=True),
+        ),
+    )
+
+
+def _require_tenant(conn: apsw.Connection, tenant: str) -> None:
+    if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone() is None:
+        raise UnknownTenantError(f"unknown tenant {tenant!r}", tenant=tenant)
+
+
+def _next_index_seq(conn: apsw.Connection) -> int:
+    (seq,) = conn.execute("SELECT coalesce(max(index_seq), 0) + 1 FROM items").fetchone()
+    return seq
+
+
+def _owned_item(conn: apsw.Connection, item_id: str, tenant: str) -> tuple[int, int] | None:
+    """(rowid, deleted) of the item if it exists *for this tenant*; other tenants' ids are invisible."""
+    row = conn.execute(
+        "SELECT rowid, deleted FROM items WHERE id = ? AND tenant = ?", (item_id, tenant)
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def _apply_tenant_put(conn: apsw.Connection, change: Change) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO tenants(name, created_at) VALUES (?, ?)",
+        (change.tenant, change.payload["created_at"]),
+    )
+
+
+_ITEM_COLUMNS = (
+    "namespace",
+    "title",
+    "description",
+    "content",
+    "tags",
+    "domain",
+    "outcome",
+    "prior_confidence",
+    "created_at",
+    "last_used_at",
+    "source_task",
+    "source_agent",
+    "embedding_model",
+    "dim",
+)
+
+
+def _apply_item_put(conn: apsw.Connection, change: Change) -> None:
+    p = change.payload
+    existing = conn.execute(
+        "SELECT rowid, tenant, deleted, updated_hlc FROM items WHERE id = ?", (change.entity_id,)
+    ).fetchone()
+    values = [p[c] for c in _ITEM_COLUMNS]
+    if existing is None:
+        conn.execute(
+            f"INSERT INTO items(id, tenant, {', '.join(_ITEM_COLUMNS)}, updated_hlc, index_seq) "
+            f"VALUES (?, ?, {', '.join('?' * len(_ITEM_COLUMNS))}, ?, ?)",
+            (change.entity_id, change.tenant, *values, change.hlc, _next_index_seq(conn)),
+        )
+        rowid = conn.last_insert_rowid()
+    else:
+        rowid, owner, deleted, updated_hlc = existing
+        if owner != change.tenant:
+            raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
+        if deleted or updated_hlc >= change.hlc:
+            return
+        assignments = ", ".join(f"{c} = ?" for c in _ITEM_COLUMNS)
+        conn.execute(
+            f"UPDATE items SET {assignments}, updated_hlc = ?, index_seq = ? WHERE rowid = ?",
+            (*values, change.hlc, _next_index_seq(conn), rowid),
+        )
+    conn.execute(
+        "INSERT INTO embeddings(item_rowid, model, dim, vector) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(item_rowid) DO UPDATE SET model=excluded.model, dim=excluded.dim, "
+        "vector=excluded.vector",
+        (rowid, p["embedding_model"], p["dim"], p["vector"]),
+    )
+
+
+def _apply_item_delete(conn: apsw.Connection, change: Change) -> None:
+    owned = _owned_item(conn, change.entity_id, change.tenant)
+    if owned is None:
+        raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
+    rowid, deleted = owned
+    if deleted:
+        return
+    conn.execute(
+        "UPDATE items SET deleted = 1, deleted_reason = ?, index_seq = ? WHERE rowid = ?",
+        (change.payload.get("reason", ""), _next_index_seq(conn), rowid),
+    )
+
+
+def _apply_item_touch(conn: apsw.Connection, change: Change) -> None:
+    if _owned_item(conn, change.entity_id, change.tenant) is None:
+        raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
+    conn.execute(
+        "UPDATE items SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
+        (change.payload["last_used_at"], change.entity_id),
+    )
+
+
+def _counter_increment_to_set(conn: apsw.Connection, tenant: str, mutation: Mutation) -> Mutation:
+    if _owned_item(conn, mutation.entity_id, tenant) is None:
+        raise ItemNotFoundError(f"no item {mutation.entity_id} for tenant {tenant!r}")
+    p = mutation.payload
+    row = conn.execute(
+        "SELECT uses, successes, failures FROM item_counters WHERE item_id = ? AND origin = ?",
+        (mutation.entity_id, p["origin"]),
+    ).fetchone() or (0, 0, 0)
+    return Mutation(
+        "counter.set",
+        mutation.entity_id,
+        {
+            "origin": p["origin"],
+            "uses": row[0] + p.get("uses", 0),
+            "successes": row[1] + p.get("successes", 0),
+            "failures": row[2] + p.get("failures", 0),
+        },
+    )
+
+
+def _apply_counter_set(conn: apsw.Connection, change: Change) -> None:
+    if _owned_item(conn, change.entity_id, change.tenant) is None:
+        raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
+    p = change.payload
+    conn.execute(
+        "INSERT INTO item_counters(item_id, origin, uses, successes, failures) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT(item_id, origin) DO UPDATE SET uses = max(uses, excluded.uses), "
+        "successes = max(successes, excluded.successes), failures = max(failures, excluded.failures)",
+        (change.entity_id, p["origin"], p["uses"], p["successes"], p["failures"]),
+    )
+
+
+def _apply_link_put(conn: apsw.Connection, change: Change) -> None:
+    p = change.payload
+    for end in (p["src_id"], p["dst_id"]):
+        if _owned_item(conn, end, change.tenant) is None:
+            raise ItemNotFoundError(f"no item {end} for tenant {change.tenant!r}")
+    conn.execute(
+        "INSERT OR IGNORE INTO links(src_id, dst_id, kind, tenant, created_at, note) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (p["src_id"], p["dst_id"], p["kind"], change.tenant, p["created_at"], p.get("note", "")),
+    )
+
+
+def _apply_trajectory_put(conn: apsw.Connection, change: Change) -> None:
+    p = change.payload
+    conn.execute(
+        "INSERT OR IGNORE INTO trajectories(id, tenant, namespace, task_id, agent_id, domain, body, "
+        "exit_code, tests_passed, tests_failed, reward, verdict_outcome, verdict_confidence, "
+        "verdict_reason, judge, used_item_ids, distilled_item_ids, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            change.entity_id,
+            change.tenant,
+            p["namespace"],
+            p["task_id"],
+            p["agent_id"],
+            p["domain"],
+            p["body"],
+            p["exit_code"],
+            p["tests_passed"],
+            p["tests_failed"],
+            p["reward"],
+            p["verdict_outcome"],
+            p["verdict_confidence"],
+            p["verdict_reason"],
+            p["judge"],
+            p["used_item_ids"],
+            p["distilled_item_ids"],
+            p["created_at"],
+        ),
+    )
+
+
+def _apply_consolidation_put(conn: apsw.Connection, change: Change) -> None:
+    p = change.payload
+    conn.execute(
+        "INSERT OR IGNORE INTO consolidation_runs(id, tenant, started_at, finished_at, examined, merged, "
+        "contradictions, pruned, params) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            change.entity_id,
+            change.tenant,
+            p["started_at"],
+            p["finished_at"],
+            p["examined"],
+            p["merged"],
+            p["contradictions"],
+            p["pruned"],
+            p["params"],
+        ),
+    )
+
+
+_APPLY: dict[str, Callable[[apsw.Connection, Change], None]] = {
+    "tenant.put": _apply_tenant_put,
+    "item.put": _apply_item_put,
+    "item.delete": _apply_item_delete,
+    "item.touch": _apply_item_touch,
+    "counter.set": _apply_counter_set,
+    "link.put": _apply_link_put,
+    "trajectory.put": _apply_trajectory_put,
+    "consolidation.put": _apply_consolidation_put,
+}
+assert set(_APPLY) == set(CHANGE_KINDS)
+
+
+def default_database_path(state_dir: Path) -> Path:
+    """Where the bank's database lives under a state directory."""
+    return Path(os.fspath(state_dir)) / "memory" / "bank.sqlite3"
