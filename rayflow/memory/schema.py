@@ -73,6 +73,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             deleted          INTEGER NOT NULL DEFAULT 0,
             deleted_reason   TEXT NOT NULL DEFAULT '',
             updated_hlc      INTEGER NOT NULL,
+            updated_by       TEXT NOT NULL,
             index_seq        INTEGER NOT NULL
         ) STRICT;
         CREATE INDEX items_by_tenant_namespace ON items(tenant, namespace);

@@ -8,7 +8,8 @@ replica's state is always "the fold of its change log".
 
 Every apply function is idempotent and commutes with the others where replicas may race:
 
-* ``item.put`` is last-writer-wins on the hybrid logical timestamp; a deleted id stays deleted.
+* ``item.put`` is last-writer-wins on (hybrid logical timestamp, replica id); a deleted id stays
+  deleted.
 * ``counter.set`` takes the per-origin maximum (a grow-only counter per origin).
 * ``item.touch`` keeps the latest ``last_used_at``.
 * links, trajectories, tenants and consolidation runs are insert-once.
@@ -359,26 +360,27 @@ _ITEM_COLUMNS = (
 def _apply_item_put(conn: apsw.Connection, change: Change) -> None:
     p = change.payload
     existing = conn.execute(
-        "SELECT rowid, tenant, deleted, updated_hlc FROM items WHERE id = ?", (change.entity_id,)
+        "SELECT rowid, tenant, deleted, updated_hlc, updated_by FROM items WHERE id = ?", (change.entity_id,)
     ).fetchone()
     values = [p[c] for c in _ITEM_COLUMNS]
     if existing is None:
         conn.execute(
-            f"INSERT INTO items(id, tenant, {', '.join(_ITEM_COLUMNS)}, updated_hlc, index_seq) "
-            f"VALUES (?, ?, {', '.join('?' * len(_ITEM_COLUMNS))}, ?, ?)",
-            (change.entity_id, change.tenant, *values, change.hlc, _next_index_seq(conn)),
+            f"INSERT INTO items(id, tenant, {', '.join(_ITEM_COLUMNS)}, updated_hlc, updated_by, index_seq) "
+            f"VALUES (?, ?, {', '.join('?' * len(_ITEM_COLUMNS))}, ?, ?, ?)",
+            (change.entity_id, change.tenant, *values, change.hlc, change.replica_id, _next_index_seq(conn)),
         )
         rowid = conn.last_insert_rowid()
     else:
-        rowid, owner, deleted, updated_hlc = existing
+        rowid, owner, deleted, updated_hlc, updated_by = existing
         if owner != change.tenant:
             raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
-        if deleted or updated_hlc >= change.hlc:
+        # Ties in hybrid time are broken by replica id, so every replica picks the same winner.
+        if deleted or (updated_hlc, updated_by) >= (change.hlc, change.replica_id):
             return
         assignments = ", ".join(f"{c} = ?" for c in _ITEM_COLUMNS)
         conn.execute(
-            f"UPDATE items SET {assignments}, updated_hlc = ?, index_seq = ? WHERE rowid = ?",
-            (*values, change.hlc, _next_index_seq(conn), rowid),
+            f"UPDATE items SET {assignments}, updated_hlc = ?, updated_by = ?, index_seq = ? WHERE rowid = ?",
+            (*values, change.hlc, change.replica_id, _next_index_seq(conn), rowid),
         )
     conn.execute(
         "INSERT INTO embeddings(item_rowid, model, dim, vector) VALUES (?, ?, ?, ?) "

@@ -1,0 +1,240 @@
+"""The ``rayflow`` command: the demo job and tools for a local ReasoningBank."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rayflow.config import Config, load_config
+from rayflow.errors import RayflowError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+memory_app = typer.Typer(no_args_is_help=True, help="Work with a local ReasoningBank.")
+app.add_typer(memory_app, name="memory")
+
+console = Console()
+err_console = Console(stderr=True)
+
+StateDirOption = typer.Option(
+    None, "--state-dir", help="State directory (default: $RAYFLOW_STATE_DIR or ~/.rayflow)."
+)
+TenantOption = typer.Option("default", "--tenant", "-t", help="Tenant to act for.")
+
+
+def _config(state_dir: Optional[Path]) -> Config:
+    overrides = {} if state_dir is None else {"state_dir": state_dir}
+    return load_config(overrides)
+
+
+def _open_bank(state_dir: Optional[Path]):  # noqa: ANN202 - returns ReasoningBank, imported lazily
+    from rayflow.memory.bank import ReasoningBank
+
+    config = _config(state_dir)
+    return ReasoningBank(config.state_dir, config=config)
+
+
+def _when(ts: Optional[float]) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@memory_app.command("tenant-add")
+def tenant_add(name: str, state_dir: Optional[Path] = StateDirOption) -> None:
+    """Create a tenant (and its data-encryption key)."""
+    with _open_bank(state_dir) as bank:
+        bank.create_tenant(name)
+        console.print(f"tenant [bold]{name}[/] ready")
+
+
+@memory_app.command("tenants")
+def tenants(state_dir: Optional[Path] = StateDirOption) -> None:
+    """List tenants."""
+    with _open_bank(state_dir) as bank:
+        for name in bank.tenants():
+            console.print(name)
+
+
+@memory_app.command("add")
+def add(
+    title: str = typer.Option(..., help="Short title of the strategy or lesson."),
+    content: str = typer.Option(..., help="The memory itself."),
+    description: str = typer.Option("", help="One sentence on when it applies."),
+    namespace: str = typer.Option("default", "--namespace", "-n"),
+    tag: list[str] = typer.Option([], "--tag", help="A tag (repeatable)."),
+    domain: str = typer.Option(""),
+    outcome: str = typer.Option("success", help="success or failure"),
+    confidence: float = typer.Option(0.5, min=0.0, max=1.0),
+    tenant: str = TenantOption,
+    create_tenant: bool = typer.Option(False, "--create-tenant", help="Create the tenant if missing."),
+    state_dir: Optional[Path] = StateDirOption,
+) -> None:
+    """Store one memory item."""
+    with _open_bank(state_dir) as bank:
+        if create_tenant:
+            bank.create_tenant(tenant)
+        item = bank.store_item(
+            tenant,
+            namespace=namespace,
+            title=title,
+            description=description,
+            content=content,
+            tags=tag,
+            domain=domain,
+            outcome=outcome,
+            confidence=confidence,
+            source_agent="cli",
+        )
+        console.print(item.id)
+
+
+@memory_app.command("search")
+def search(
+    query: str,
+    k: int = typer.Option(5, "-k", min=1, max=1000),
+    namespace: str = typer.Option("", "--namespace", "-n", help="Namespace prefix (default: all)."),
+    domain: Optional[str] = typer.Option(None),
+    outcome: Optional[str] = typer.Option(None, help="success or failure"),
+    min_confidence: float = typer.Option(0.0, min=0.0, max=1.0),
+    mmr_lambda: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="1 = relevance only."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    tenant: str = TenantOption,
+    state_dir: Optional[Path] = StateDirOption,
+) -> None:
+    """Retrieve memory for a query, showing each component of the score."""
+    with _open_bank(state_dir) as bank:
+        results = bank.retrieve(
+            tenant,
+            query,
+            k=k,
+            namespace=namespace,
+            domain=domain,
+            outcome=outcome,
+            min_confidence=min_confidence,
+            mmr_lambda=mmr_lambda,
+        )
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "rank": r.rank,
+                        "id": r.item.id,
+                        "title": r.item.title,
+                        "namespace": r.item.namespace,
+                        "outcome": r.item.outcome.value,
+                        "score": r.score,
+                        "similarity": r.similarity,
+                        "recency": r.recency,
+                        "reliability": r.reliability,
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"{len(results)} result(s) for {query!r}")
+    for column in ("#", "id", "title", "outcome", "score", "similarity", "recency", "reliability"):
+        table.add_column(column, justify="right" if column in ("#", "score") else "left")
+    for r in results:
+        table.add_row(
+            str(r.rank + 1),
+            r.item.id,
+            r.item.title,
+            r.item.outcome.value,
+            f"{r.score:.3f}",
+            f"{r.similarity:.3f}",
+            f"{r.recency:.3f}",
+            f"{r.reliability:.3f}",
+        )
+    console.print(table)
+
+
+@memory_app.command("show")
+def show(item_id: str, tenant: str = TenantOption, state_dir: Optional[Path] = StateDirOption) -> None:
+    """Show one item with its counters and links."""
+    with _open_bank(state_dir) as bank:
+        item = bank.get(tenant, item_id)
+        links = bank.links(tenant, item_id)
+    console.print(f"[bold]{item.title}[/]  ({item.id})")
+    console.print(f"namespace {item.namespace}  domain {item.domain or '-'}  outcome {item.outcome.value}")
+    console.print(f"tags {', '.join(item.tags) or '-'}")
+    console.print(
+        f"uses {item.uses}  successes {item.successes}  failures {item.failures}  "
+        f"reliability {item.reliability:.3f} (prior {item.prior_confidence:.2f})"
+    )
+    console.print(f"created {_when(item.created_at)}  last used {_when(item.last_used_at)}")
+    if item.description:
+        console.print(f"\n{item.description}")
+    console.print(f"\n{item.content}")
+    for src, kind, dst in links:
+        console.print(f"link: {src} {kind} {dst}")
+
+
+@memory_app.command("stats")
+def stats(tenant: str = TenantOption, state_dir: Optional[Path] = StateDirOption) -> None:
+    """Counts and health of one tenant's memory."""
+    with _open_bank(state_dir) as bank:
+        figures = bank.stats(tenant)
+    table = Table(title=f"ReasoningBank · tenant {tenant}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    console.print(table)
+
+
+@memory_app.command("consolidate")
+def consolidate(
+    tenant: str = TenantOption,
+    full: bool = typer.Option(False, help="Compare every item, not only those added since the last run."),
+    state_dir: Optional[Path] = StateDirOption,
+) -> None:
+    """Merge duplicates, link contradictions, prune stale low-confidence items."""
+    with _open_bank(state_dir) as bank:
+        report = bank.consolidate(tenant, full=full)
+    console.print(
+        f"examined {report.examined}, merged {report.merged}, "
+        f"contradictions {report.contradictions}, pruned {report.pruned}"
+    )
+
+
+@app.command("demo")
+def demo(
+    state_dir: Optional[Path] = typer.Option(
+        None, "--state-dir", help="Where the demo keeps its bank (default: a fresh temporary directory)."
+    ),
+    plot: Optional[Path] = typer.Option(
+        Path("demo-reliability.png"), help="Where to save the learning plot (needs matplotlib)."
+    ),
+) -> None:
+    """Run the main demo job."""
+    from rayflow.jobs.memory_demo import run_memory_demo
+
+    run_memory_demo(console, state_dir=state_dir, plot_path=plot)
+
+
+def main() -> None:
+    """Entry point: typed errors become a one-line message and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except RayflowError as exc:
+        err_console.print(f"[red]error[/] [{exc.code}] {exc.message}")
+        sys.exit(2)
+    except (typer.Exit, typer.Abort) as exc:
+        sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
