@@ -272,7 +272,7 @@ class ReasoningBank:
             description=description,
             content=content,
             outcome=Outcome(outcome),
-            tags=tuple(tags),
+            tags=_validate_tags(tags),
             confidence=confidence,
         )
         vectors = None if embedding is None else [embedding]
@@ -576,8 +576,18 @@ class ReasoningBank:
             weight_recency=self._memory.weight_recency,
             weight_reliability=self._memory.weight_reliability,
         )
-        vectors = self._indexes.get(tenant).vectors(np.array([r[0] for r in rows], dtype=np.int64))
-        return rows, similarity, recency_value, reliability, score, vectors
+        return rows, similarity, recency_value, reliability, score, self._stored_vectors([r[0] for r in rows])
+
+    def _stored_vectors(self, rowids: list[int]) -> np.ndarray:
+        """Embeddings of ``rowids`` from SQLite, in order (embedding rows are never removed, so
+        this cannot race with a concurrent delete the way an index lookup could)."""
+        marks = ",".join("?" * len(rowids))
+        found = dict(
+            self.store.reader().execute(
+                f"SELECT item_rowid, vector FROM embeddings WHERE item_rowid IN ({marks})", tuple(rowids)
+            )
+        )
+        return np.vstack([np.frombuffer(found[r], dtype="<f4") for r in rowids])
 
     # --- learning ---------------------------------------------------------------------------
     def report_outcome(self, tenant: str, item_ids: Sequence[str], success: bool) -> None:
