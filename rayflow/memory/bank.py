@@ -50,7 +50,7 @@ from rayflow.memory.models import (
 from rayflow.memory.scoring import beta_reliability_array, combined_score, mmr_order, recency
 from rayflow.memory.scrub import scrub
 from rayflow.memory.store import Mutation, Store, default_database_path
-from rayflow.memory.tenant_filter import FilterKey, TenantAttributes
+from rayflow.memory.attributes import FilterKey, TenantAttributes
 from rayflow.namespace import ROOT, normalize_namespace
 
 MAX_TAGS = 32
@@ -198,47 +198,74 @@ class ReasoningBank:
                 self._tenants[tenant] = state
         return state
 
-    def _load_attributes(self, tenant: str, state: _TenantState) -> None:
-        rows = self.store.reader().execute(
-            "SELECT rowid, namespace, domain, outcome, deleted FROM items WHERE tenant = ?", (tenant,)
+    # Ranking and filter attributes of items, with counters summed over origins.
+    _ATTRIBUTE_SELECT = (
+        "SELECT i.rowid, i.namespace, i.domain, i.outcome, i.deleted, i.prior_confidence, "
+        "max(i.created_at, coalesce(i.last_used_at, 0)), "
+        "(SELECT coalesce(sum(successes), 0) FROM item_counters c WHERE c.item_id = i.id), "
+        "(SELECT coalesce(sum(failures), 0) FROM item_counters c WHERE c.item_id = i.id), "
+        "i.index_seq "
+        "FROM items i WHERE i.tenant = ? "
+    )
+
+    @staticmethod
+    def _set_attributes(state: _TenantState, row: tuple[Any, ...]) -> None:
+        rowid, namespace, domain, outcome, deleted, prior, last_active, successes, failures = row[:9]
+        state.attributes.set(
+            rowid,
+            namespace=namespace,
+            domain=domain,
+            outcome=outcome,
+            live=not deleted,
+            prior=prior,
+            successes=successes,
+            failures=failures,
+            last_active=last_active,
         )
-        for rowid, namespace, domain, outcome, deleted in rows:
-            state.attributes.set(rowid, namespace=namespace, domain=domain, outcome=outcome, live=not deleted)
+
+    def _load_attributes(self, tenant: str, state: _TenantState) -> None:
+        for row in self.store.reader().execute(self._ATTRIBUTE_SELECT, (tenant,)):
+            self._set_attributes(state, row)
 
     def _catch_up(self, tenant: str, state: _TenantState) -> None:
-        """Bring the tenant's index and attributes up to SQLite: the one path from rows to index.
+        """Bring the tenant's index and attributes up to SQLite: the one path from rows to memory.
 
-        Runs after every local commit that touched items, and on open (so a crashed process's
-        index catches up from the high-water mark recorded with the index file).
+        Runs after every local commit, and on open (so a crashed process's index catches up from
+        the high-water mark recorded with the index file). A row whose vector is already in the
+        index (only its counters or use time changed) is not re-inserted.
         """
         with state.lock:
             rows = self.store.reader().execute(
-                "SELECT i.rowid, i.namespace, i.domain, i.outcome, i.deleted, i.index_seq, e.vector "
-                "FROM items i JOIN embeddings e ON e.item_rowid = i.rowid "
-                "WHERE i.tenant = ? AND i.index_seq > ? ORDER BY i.index_seq",
+                self._ATTRIBUTE_SELECT + "AND i.index_seq > ? ORDER BY i.index_seq",
                 (tenant, state.index.high_water),
             ).fetchall()
             if not rows:
                 return
-            add_labels, add_vectors, removed = [], [], []
-            for rowid, namespace, domain, outcome, deleted, _seq, vector in rows:
-                state.attributes.set(
-                    rowid, namespace=namespace, domain=domain, outcome=outcome, live=not deleted
-                )
-                if deleted:
-                    removed.append(rowid)
-                else:
-                    add_labels.append(rowid)
-                    add_vectors.append(np.frombuffer(vector, dtype="<f4"))
-            if add_labels:
-                state.index.add(np.asarray(add_labels, dtype=np.int64), np.vstack(add_vectors))
+            removed, candidates = [], []
+            for row in rows:
+                self._set_attributes(state, row)
+                (removed if row[4] else candidates).append(row[0])
+            if candidates:
+                stored = self._stored_vectors(candidates)
+                present = np.array([label in state.index for label in candidates], dtype=bool)
+                changed = ~present
+                if present.any():
+                    known = np.asarray(candidates, dtype=np.int64)[present]
+                    same = np.all(np.isclose(state.index.vectors(known), stored[present], atol=1e-6), axis=1)
+                    changed[np.flatnonzero(present)[~same]] = True
+                if changed.any():
+                    state.index.add(np.asarray(candidates, dtype=np.int64)[changed], stored[changed])
             if removed:
                 state.index.mark_deleted(np.asarray(removed, dtype=np.int64))
-            state.index.high_water = rows[-1][5]
+            state.index.high_water = rows[-1][9]
             state.unsaved_changes += len(rows)
             if state.unsaved_changes >= self._memory.index_save_every:
                 state.index.save()
                 state.unsaved_changes = 0
+
+    def tenant_index(self, tenant: str) -> TenantIndex:
+        """The tenant's HNSW index, caught up with SQLite (for recall checks and tools)."""
+        return self._tenant(tenant).index
 
     def flush(self) -> None:
         """Save every loaded index file now (SQLite is already durable)."""
@@ -448,7 +475,8 @@ class ReasoningBank:
     )
 
     def _fetch_items(self, tenant: str, where: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        sql = self._ITEM_SELECT + f"WHERE i.tenant = ? AND i.deleted = 0 AND ({where})"
+        # The unary + keeps SQLite from scanning the tenant index when ``where`` names rowids or ids.
+        sql = self._ITEM_SELECT + f"WHERE +i.tenant = ? AND i.deleted = 0 AND ({where})"
         return self.store.reader().execute(sql, (tenant, *params)).fetchall()
 
     def _decode_item(self, tenant: str, row: tuple[Any, ...]) -> MemoryItem:
@@ -510,30 +538,70 @@ class ReasoningBank:
         )
         query_vector = self._query_vector(query)
         allowed = state.attributes.mask(key)
+        for _attempt in range(3):
+            try:
+                return self._ranked(tenant, state, query_vector, allowed, k, float(min_confidence), lam)
+            except ItemNotFoundError:
+                # An item was deleted between the index search and the vector lookup; the next
+                # search no longer sees it.
+                continue
+        return self._ranked(tenant, state, query_vector, allowed, k, float(min_confidence), lam)
+
+    def _ranked(
+        self,
+        tenant: str,
+        state: _TenantState,
+        query_vector: np.ndarray,
+        allowed: np.ndarray | None,
+        k: int,
+        min_confidence: float,
+        lam: float,
+    ) -> list[ScoredItem]:
         live = len(state.index)
         wanted = k * self._memory.oversample
         while True:
             labels, sims = state.index.query(query_vector, wanted, allowed=allowed)
-            scored = self._score_candidates(tenant, labels, sims, min_confidence)
+            inputs = state.attributes.ranking_inputs(labels)
+            reliability = beta_reliability_array(
+                inputs.prior, inputs.successes, inputs.failures, self._memory.prior_strength
+            )
+            keep = reliability >= min_confidence
             # Filtering on reliability happens after the index search; widen until enough pass.
-            if len(scored[0]) >= k or wanted >= live or len(labels) < wanted:
+            if int(keep.sum()) >= k or wanted >= live or len(labels) < wanted:
                 break
             wanted = min(live, wanted * 4)
-        rows, similarity, recency_value, reliability, score, vectors = scored
-        if not rows:
+        labels, similarity, reliability = labels[keep], sims[keep].astype(np.float64), reliability[keep]
+        if len(labels) == 0:
             return []
-        order = mmr_order(score, vectors, k, lam)
-        return [
-            ScoredItem(
-                item=self._decode_item(tenant, rows[i]),
-                similarity=float(similarity[i]),
-                recency=float(recency_value[i]),
-                reliability=float(reliability[i]),
-                score=float(score[i]),
-                rank=rank,
+        recency_value = recency(inputs.last_active[keep], self._clock(), self._memory.recency_half_life_days)
+        score = combined_score(
+            similarity,
+            recency_value,
+            reliability,
+            weight_similarity=self._memory.weight_similarity,
+            weight_recency=self._memory.weight_recency,
+            weight_reliability=self._memory.weight_reliability,
+        )
+        order = mmr_order(score, state.index.vectors(labels), k, lam)
+        chosen = [int(labels[i]) for i in order]
+        marks = ",".join("?" * len(chosen))
+        rows = {row[0]: row for row in self._fetch_items(tenant, f"i.rowid IN ({marks})", tuple(chosen))}
+        results = []
+        for i in order:
+            row = rows.get(int(labels[i]))
+            if row is None:  # deleted after the search: leave it out
+                continue
+            results.append(
+                ScoredItem(
+                    item=self._decode_item(tenant, row),
+                    similarity=float(similarity[i]),
+                    recency=float(recency_value[i]),
+                    reliability=float(reliability[i]),
+                    score=float(score[i]),
+                    rank=len(results),
+                )
             )
-            for rank, i in enumerate(order)
-        ]
+        return results
 
     def _query_vector(self, query: str | np.ndarray | bytes) -> np.ndarray:
         if isinstance(query, str):
@@ -547,40 +615,8 @@ class ReasoningBank:
             return vector
         return self._coerce_vector(query)
 
-    def _score_candidates(
-        self, tenant: str, labels: np.ndarray, sims: np.ndarray, min_confidence: float
-    ) -> tuple[list[tuple[Any, ...]], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        empty = np.zeros(0)
-        if len(labels) == 0:
-            return [], empty, empty, empty, empty, np.zeros((0, self.embedder.dim), dtype=np.float32)
-        sim_by_label = {int(label): float(s) for label, s in zip(labels, sims)}
-        marks = ",".join("?" * len(sim_by_label))
-        rows = self._fetch_items(tenant, f"i.rowid IN ({marks})", tuple(sim_by_label))
-        if not rows:
-            return [], empty, empty, empty, empty, np.zeros((0, self.embedder.dim), dtype=np.float32)
-        prior = np.array([r[9] for r in rows])
-        successes = np.array([r[17] for r in rows], dtype=float)
-        failures = np.array([r[18] for r in rows], dtype=float)
-        reliability = beta_reliability_array(prior, successes, failures, self._memory.prior_strength)
-        keep = reliability >= min_confidence
-        rows = [r for r, ok in zip(rows, keep) if ok]
-        reliability = reliability[keep]
-        similarity = np.array([sim_by_label[r[0]] for r in rows])
-        last_active = np.array([max(r[10], r[11] or 0.0) for r in rows])
-        recency_value = recency(last_active, self._clock(), self._memory.recency_half_life_days)
-        score = combined_score(
-            similarity,
-            recency_value,
-            reliability,
-            weight_similarity=self._memory.weight_similarity,
-            weight_recency=self._memory.weight_recency,
-            weight_reliability=self._memory.weight_reliability,
-        )
-        return rows, similarity, recency_value, reliability, score, self._stored_vectors([r[0] for r in rows])
-
     def _stored_vectors(self, rowids: list[int]) -> np.ndarray:
-        """Embeddings of ``rowids`` from SQLite, in order (embedding rows are never removed, so
-        this cannot race with a concurrent delete the way an index lookup could)."""
+        """Embeddings of ``rowids`` from SQLite, in order."""
         marks = ",".join("?" * len(rowids))
         found = dict(
             self.store.reader().execute(
@@ -595,8 +631,9 @@ class ReasoningBank:
 
         This is what makes confidence learn: each report moves the items' reliability.
         """
-        self._tenant(tenant)
+        state = self._tenant(tenant)
         self.store.commit(tenant, self._outcome_mutations(tenant, item_ids, success))
+        self._catch_up(tenant, state)
 
     def _outcome_mutations(self, tenant: str, item_ids: Sequence[str], success: bool) -> list[Mutation]:
         unique = list(dict.fromkeys(item_ids))

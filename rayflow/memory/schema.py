@@ -17,8 +17,9 @@ Layout notes (why, not what):
 * ``changes`` is the replication log: every mutation appends one row in the same transaction that
   applies it. ``(replica_id, seq)`` is unique, which also makes re-applying a received change a
   no-op.
-* ``index_seq`` increases locally whenever a row changes in a way the vector index must see, so
-  the index file can record how far it has caught up and replay only what is newer.
+* ``index_seq`` increases locally whenever a row changes in a way that state derived in memory
+  (the vector index, the ranking attributes) must see: an insert, an update, a delete, a use or
+  an outcome. The index file records how far it has caught up and replays only what is newer.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) STRICT;
         CREATE INDEX items_by_tenant_namespace ON items(tenant, namespace);
         CREATE INDEX items_by_tenant_index_seq ON items(tenant, index_seq);
+        CREATE INDEX items_by_index_seq ON items(index_seq);
 
         CREATE TABLE embeddings (
             item_rowid INTEGER PRIMARY KEY REFERENCES items(rowid),

@@ -71,15 +71,19 @@ def mmr_order(scores: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> li
     relevance = (scores - scores.min()) / span if span > 0 else np.ones(n)
     if lam >= 1.0:
         return [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
+    # One matrix-vector product per pick (a Gram matrix of the transposed view takes a slow BLAS
+    # path on some builds, and most of it would go unused).
     picked = [int(np.argmax(scores))]
     redundancy = vectors @ vectors[picked[0]]
+    gain = np.empty(n)
     available = np.ones(n, dtype=bool)
     available[picked[0]] = False
     while len(picked) < k:
-        gain = lam * relevance - (1.0 - lam) * redundancy
+        np.multiply(relevance, lam, out=gain)
+        gain -= (1.0 - lam) * redundancy
         gain[~available] = -np.inf
         best = int(np.argmax(gain))
         picked.append(best)
         available[best] = False
-        redundancy = np.maximum(redundancy, vectors @ vectors[best])
+        np.maximum(redundancy, vectors @ vectors[best], out=redundancy)
     return picked

@@ -404,11 +404,12 @@ def _apply_item_delete(conn: apsw.Connection, change: Change) -> None:
 
 
 def _apply_item_touch(conn: apsw.Connection, change: Change) -> None:
-    if _owned_item(conn, change.entity_id, change.tenant) is None:
+    owned = _owned_item(conn, change.entity_id, change.tenant)
+    if owned is None:
         raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
     conn.execute(
-        "UPDATE items SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
-        (change.payload["last_used_at"], change.entity_id),
+        "UPDATE items SET last_used_at = max(coalesce(last_used_at, 0), ?), index_seq = ? WHERE rowid = ?",
+        (change.payload["last_used_at"], _next_index_seq(conn), owned[0]),
     )
 
 
@@ -433,8 +434,11 @@ def _counter_increment_to_set(conn: apsw.Connection, tenant: str, mutation: Muta
 
 
 def _apply_counter_set(conn: apsw.Connection, change: Change) -> None:
-    if _owned_item(conn, change.entity_id, change.tenant) is None:
+    owned = _owned_item(conn, change.entity_id, change.tenant)
+    if owned is None:
         raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
+    # Reliability feeds ranking, which reads in-memory attributes: they must see this change.
+    conn.execute("UPDATE items SET index_seq = ? WHERE rowid = ?", (_next_index_seq(conn), owned[0]))
     p = change.payload
     conn.execute(
         "INSERT INTO item_counters(item_id, origin, uses, successes, failures) VALUES (?, ?, ?, ?, ?) "
