@@ -10,6 +10,7 @@ Run from the repository root: ``python benchmarks/memory.py [--quick] [--out FIL
 * ``recall_at_10``: the HNSW top-10 against an exact scan of the same vectors, counting a
   returned item as correct when it is at least as similar as the exact 10th (ties are equally
   correct answers); ``recall_at_10_strict`` counts only identical ids.
+* ``index_query_p50_ms``: the HNSW search alone, for comparison with the whole pipeline.
 * ``exact_scan_p50_ms``: a brute-force numpy scan over every vector of the tenant.
 * ``upstream_scan_p50_ms_10k``: the upstream design's full-table-scan retrieval at 10k items
   (see ``upstream_scan.py``), against our retrieve on a 10k bank in the same run.
@@ -134,6 +135,8 @@ def main() -> None:
         metrics["retrieve_ns_filtered_p50_ms"] = round(percentile_ms(samples, 50), 4)
 
         index = bank.tenant_index(TENANT)
+        samples = time_calls(lambda v: index.query(v, 10), [(v,) for v in query_vectors])
+        metrics["index_query_p50_ms"] = round(percentile_ms(samples, 50), 4)
         strict_hits = tie_hits = 0
         exact_samples = []
         for v in query_vectors:

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rayflow.config import Config, load_config
@@ -227,7 +228,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except RayflowError as exc:
-        err_console.print(f"[red]error[/] [{exc.code}] {exc.message}")
+        err_console.print(f"[red]error[/] {escape(f'[{exc.code}]')} {escape(exc.message)}")
         sys.exit(2)
     except (typer.Exit, typer.Abort) as exc:
         sys.exit(getattr(exc, "exit_code", 1))
