@@ -417,6 +417,9 @@ class TenantIndex:
             k_eff = min(k, int(rows.size))
             if self._prefers_exact(int(rows.size), live):
                 return self._exact(query, k_eff, rows)
+            found = self._overfetch(query, k_eff, _as_mask(allowed), int(rows.size), live)
+            if found is not None:
+                return found
             lookup = self._filter_lookup(_as_mask(allowed))
             return self._search(query, k_eff, lookup.__getitem__, lambda: rows)
 
@@ -434,6 +437,28 @@ class TenantIndex:
             if k == 0 or rows.size == 0:
                 return _empty_result()
             return self._exact(query, min(k, int(rows.size)), rows)
+
+    def _overfetch(
+        self, query: np.ndarray, k: int, mask: np.ndarray, allowed_count: int, live: int
+    ) -> tuple[Labels, Similarities] | None:
+        """Search without a filter for enough extra neighbours that ``k`` of them pass ``mask``.
+
+        Why: hnswlib's filter calls back into Python for every visited candidate, which costs
+        milliseconds at 100k items; an unfiltered search for ``k / selectivity`` neighbours
+        followed by one vectorised mask lookup is several times cheaper while the filter keeps a
+        sizeable share of the tenant. Returns ``None`` (use the filtered search) when the share is
+        too small or too few results pass.
+        """
+        wanted = int(np.ceil(2.0 * k * live / allowed_count))
+        if wanted > _OVERFETCH_MAX or wanted > live:
+            return None
+        labels, sims = self._search(query, wanted, None, self._vectors.live_rows)
+        inside = labels < mask.shape[0]
+        passed = np.zeros(labels.shape, dtype=bool)
+        passed[inside] = mask[labels[inside]]
+        if int(passed.sum()) < k:
+            return None
+        return labels[passed][:k], sims[passed][:k]
 
     def _search(
         self,
@@ -567,6 +592,10 @@ class TenantIndex:
             )
         _check_vectors_usable(query.reshape(1, -1))
         return np.ascontiguousarray(query)
+
+
+#: Largest unfiltered search used to answer a filtered query (see ``TenantIndex._overfetch``).
+_OVERFETCH_MAX = 512
 
 
 class _VectorRows:

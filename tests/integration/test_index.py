@@ -449,3 +449,18 @@ def test_save_all_writes_only_changed_indexes(tmp_path: Path, corpus) -> None:
     assert indexes.path_for("alpha").exists()
     assert not indexes.path_for("idle").exists()
     assert not indexes.get("alpha").dirty
+
+
+def test_broad_filter_is_answered_by_overfetching_and_matches_the_exact_filtered_answer(tmp_path: Path) -> None:
+    """A filter keeping half of a large tenant takes the unfiltered search plus a mask lookup."""
+    vectors = embed(make_sentences(12_000, seed=11))
+    index = _filled(tmp_path, vectors, exact_scan_max=1000, ef_search=200)
+    allowed = np.zeros(len(vectors), dtype=bool)
+    allowed[::2] = True
+    agree = 0
+    for query in vectors[1:400:20]:
+        labels, _ = index.query(query, 10, allowed=allowed)
+        exact, _ = index.exact_query(query, 10, allowed=allowed)
+        assert len(labels) == 10 and allowed[labels].all()
+        agree += len(set(labels.tolist()) & set(exact.tolist()))
+    assert agree / (10 * 20) >= 0.9
