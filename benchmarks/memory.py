@@ -44,12 +44,17 @@ BATCH = 1000
 
 def progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
     )
 
 
-def build_bank(path: Path, texts, vectors: np.ndarray, console: Console, label: str) -> tuple[ReasoningBank, float]:
+def build_bank(
+    path: Path, texts, vectors: np.ndarray, console: Console, label: str
+) -> tuple[ReasoningBank, float]:
     """A bank holding every text, filled through the batched write path; returns it and items/s."""
     config = load_config({"state_dir": path, "memory.index_save_every": 10**9}, env={})
     bank = ReasoningBank(path, config=config)
@@ -60,11 +65,19 @@ def build_bank(path: Path, texts, vectors: np.ndarray, console: Console, label: 
         for start in range(0, len(texts), BATCH):
             chunk = texts[start : start + BATCH]
             lessons = [
-                Lesson(t.title, t.description, t.content, Outcome.SUCCESS if t.success else Outcome.FAILURE, t.tags)
+                Lesson(
+                    t.title,
+                    t.description,
+                    t.content,
+                    Outcome.SUCCESS if t.success else Outcome.FAILURE,
+                    t.tags,
+                )
                 for t in chunk
             ]
             bank.store_lessons(
-                TENANT, lessons, namespace=f"team-{(start // BATCH) % 10}/swarm",
+                TENANT,
+                lessons,
+                namespace=f"team-{(start // BATCH) % 10}/swarm",
                 embeddings=list(vectors[start : start + BATCH]),
             )
             bar.advance(task, len(chunk))
@@ -117,8 +130,9 @@ def main() -> None:
         singles = lesson_texts(300, seed=99)
         t0 = time.perf_counter()
         for t in singles:
-            bank.store_item(TENANT, namespace="team-0/single", title=t.title, description=t.description,
-                            content=t.content)
+            bank.store_item(
+                TENANT, namespace="team-0/single", title=t.title, description=t.description, content=t.content
+            )
         metrics["insert_per_s"] = round(len(singles) / (time.perf_counter() - t0), 1)
 
         blobs = [v.astype("<f4").tobytes() for v in query_vectors]
@@ -159,8 +173,16 @@ def main() -> None:
         upstream = UpstreamScanBank(root / "upstream.sqlite3")
         upstream.insert_many(
             [
-                (f"u{i}", {"title": t.title, "description": t.description, "content": t.content,
-                           "domain": t.domain}, vectors[i])
+                (
+                    f"u{i}",
+                    {
+                        "title": t.title,
+                        "description": t.description,
+                        "content": t.content,
+                        "domain": t.domain,
+                    },
+                    vectors[i],
+                )
                 for i, t in enumerate(texts[:n_small])
             ]
         )

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rayflow.config import Config, load_config
+from rayflow.display import retrieval_table
 from rayflow.errors import RayflowError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -142,21 +143,7 @@ def search(
             )
         )
         return
-    table = Table(title=f"{len(results)} result(s) for {query!r}")
-    for column in ("#", "id", "title", "outcome", "score", "similarity", "recency", "reliability"):
-        table.add_column(column, justify="right" if column in ("#", "score") else "left")
-    for r in results:
-        table.add_row(
-            str(r.rank + 1),
-            r.item.id,
-            r.item.title,
-            r.item.outcome.value,
-            f"{r.score:.3f}",
-            f"{r.similarity:.3f}",
-            f"{r.recency:.3f}",
-            f"{r.reliability:.3f}",
-        )
-    console.print(table)
+    console.print(retrieval_table(results, f"{len(results)} result(s) for {query!r}", with_ids=True))
 
 
 @memory_app.command("show")

@@ -18,6 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from rayflow.config import load_config
+from rayflow.display import retrieval_table
 from rayflow.jobs.synthetic_tasks import trajectory
 from rayflow.memory.bank import ReasoningBank
 from rayflow.memory.models import Step, Trajectory
@@ -26,7 +27,9 @@ TENANT = "acme"
 NAMESPACE = "swarm/demo"
 
 
-def run_memory_demo(console: Console, *, state_dir: Path | None = None, plot_path: Path | None = None) -> dict:
+def run_memory_demo(
+    console: Console, *, state_dir: Path | None = None, plot_path: Path | None = None
+) -> dict:
     """Run the demo, print what happens, and return the headline figures."""
     with tempfile.TemporaryDirectory(prefix="rayflow-demo-") as tmp:
         root = Path(state_dir) if state_dir is not None else Path(tmp)
@@ -87,24 +90,13 @@ def _learn_from_trajectories(console: Console, bank: ReasoningBank) -> int:
 
 def _show_retrieval(console: Console, bank: ReasoningBank, query: str):  # noqa: ANN202
     results = bank.retrieve(TENANT, query, k=5, namespace=NAMESPACE)
-    table = Table(title=f"retrieve: {query}")
-    for column in ("#", "title", "outcome", "score", "similarity", "recency", "reliability"):
-        table.add_column(column)
-    for r in results:
-        table.add_row(
-            str(r.rank + 1),
-            r.item.title[:70],
-            r.item.outcome.value,
-            f"{r.score:.3f}",
-            f"{r.similarity:.3f}",
-            f"{r.recency:.3f}",
-            f"{r.reliability:.3f}",
-        )
-    console.print(table)
+    console.print(retrieval_table(results, f"retrieve: {query}"))
     return results
 
 
-def _learn_from_outcomes(console: Console, bank: ReasoningBank, item_ids: list[str]) -> dict[str, list[float]]:
+def _learn_from_outcomes(
+    console: Console, bank: ReasoningBank, item_ids: list[str]
+) -> dict[str, list[float]]:
     """Agents reuse three items; one keeps helping, one keeps failing, one is mixed."""
     rng = random.Random(11)
     success_rate = dict(zip(item_ids, (0.9, 0.15, 0.5)))

@@ -14,22 +14,65 @@ from dataclasses import dataclass
 from rayflow.memory.models import Step, Trajectory
 
 COMPONENTS = (
-    "config loader", "http client", "retry policy", "sqlite migration", "cli parser", "json serializer",
-    "auth middleware", "rate limiter", "task scheduler", "cache layer", "csv importer", "websocket handler",
-    "template renderer", "date parser", "payment webhook", "search indexer", "log formatter", "s3 uploader",
-    "graphql resolver", "feature flag client", "password hasher", "email sender", "pdf exporter",
-    "image resizer", "queue consumer", "metrics exporter", "plugin loader", "diff engine", "lock manager",
+    "config loader",
+    "http client",
+    "retry policy",
+    "sqlite migration",
+    "cli parser",
+    "json serializer",
+    "auth middleware",
+    "rate limiter",
+    "task scheduler",
+    "cache layer",
+    "csv importer",
+    "websocket handler",
+    "template renderer",
+    "date parser",
+    "payment webhook",
+    "search indexer",
+    "log formatter",
+    "s3 uploader",
+    "graphql resolver",
+    "feature flag client",
+    "password hasher",
+    "email sender",
+    "pdf exporter",
+    "image resizer",
+    "queue consumer",
+    "metrics exporter",
+    "plugin loader",
+    "diff engine",
+    "lock manager",
     "session store",
 )
 MODULES = (
-    "app/config.py", "src/client/http.py", "core/retry.py", "db/migrations/0007_add_index.py", "cli/main.py",
-    "serde/json_codec.py", "web/middleware/auth.py", "limits/token_bucket.py", "sched/worker.py",
-    "cache/lru.py", "io/csv_import.py", "ws/handler.py", "render/templates.py", "util/dates.py",
-    "billing/webhooks.py", "search/indexer.py", "logging/fmt.py", "storage/s3.py", "api/resolvers.py",
+    "app/config.py",
+    "src/client/http.py",
+    "core/retry.py",
+    "db/migrations/0007_add_index.py",
+    "cli/main.py",
+    "serde/json_codec.py",
+    "web/middleware/auth.py",
+    "limits/token_bucket.py",
+    "sched/worker.py",
+    "cache/lru.py",
+    "io/csv_import.py",
+    "ws/handler.py",
+    "render/templates.py",
+    "util/dates.py",
+    "billing/webhooks.py",
+    "search/indexer.py",
+    "logging/fmt.py",
+    "storage/s3.py",
+    "api/resolvers.py",
     "flags/client.py",
 )
 ERRORS = (
-    ("ModuleNotFoundError", "No module named 'yaml'", "add the missing dependency to pyproject and reinstall"),
+    (
+        "ModuleNotFoundError",
+        "No module named 'yaml'",
+        "add the missing dependency to pyproject and reinstall",
+    ),
     ("ImportError", "cannot import name 'Mapping' from 'collections'", "import Mapping from collections.abc"),
     ("KeyError", "'timeout'", "read optional settings with .get and a documented default"),
     ("TypeError", "unsupported operand type(s) for +: 'NoneType' and 'int'", "guard the None case first"),
@@ -37,13 +80,21 @@ ERRORS = (
     ("TimeoutError", "operation timed out after 30s", "add a deadline and retry with backoff"),
     ("PermissionError", "[Errno 13] Permission denied: '/var/lib/app'", "write under a user-owned state dir"),
     ("ConnectionRefusedError", "[Errno 111] Connection refused", "wait for the service's health check"),
-    ("UnicodeDecodeError", "'utf-8' codec can't decode byte 0xff", "open the file in binary or detect encoding"),
+    (
+        "UnicodeDecodeError",
+        "'utf-8' codec can't decode byte 0xff",
+        "open the file in binary or detect encoding",
+    ),
     ("RecursionError", "maximum recursion depth exceeded", "replace recursion with an explicit stack"),
     ("ValueError", "invalid literal for int() with base 10: ''", "validate input before converting"),
     ("AttributeError", "'NoneType' object has no attribute 'read'", "check the open() result and path"),
     ("json.JSONDecodeError", "Expecting value: line 1 column 1 (char 0)", "handle empty bodies explicitly"),
     ("sqlite3.OperationalError", "database is locked", "use WAL mode and a busy timeout"),
-    ("FileNotFoundError", "[Errno 2] No such file or directory: 'fixtures/data.csv'", "resolve paths from __file__"),
+    (
+        "FileNotFoundError",
+        "[Errno 2] No such file or directory: 'fixtures/data.csv'",
+        "resolve paths from __file__",
+    ),
 )
 TOOLS = ("pytest", "mypy", "ruff", "pip", "git", "docker", "tox", "coverage", "hypothesis", "alembic")
 VERBS = ("fix", "add tests for", "refactor", "speed up", "add type hints to", "document", "harden", "port")
@@ -125,7 +176,7 @@ def trajectory(rng: random.Random, *, task_id: str, success: bool, namespace: st
     failing = (
         f"============================= test session starts ==============================\n"
         f"collected 24 items\n\ntests/test_{module.split('/')[-1]} ..F\n\n"
-        f"Traceback (most recent call last):\n  File \"{module}\", line {rng.randint(10, 300)}, in load\n"
+        f'Traceback (most recent call last):\n  File "{module}", line {rng.randint(10, 300)}, in load\n'
         f"{exc}: {message}\n=========================== 1 failed, 23 passed in 0.91s ==========="
     )
     steps = [
@@ -133,14 +184,21 @@ def trajectory(rng: random.Random, *, task_id: str, success: bool, namespace: st
         Step(f"open {module} and read the failing frame", f"found the call that raises {exc}"),
     ]
     if success:
-        passed = f"============================== 24 passed in 0.87s =============================="
+        passed = "============================== 24 passed in 0.87s =============================="
         steps += [
             Step(f"apply fix: {remedy}", f"edited {module}"),
             Step("run pytest -q", passed),
         ]
         return Trajectory(
-            task_id=task_id, query=query, steps=tuple(steps), namespace=namespace, domain="backend",
-            agent_id=f"agent-{rng.randint(1, 8)}", exit_code=0, tests_passed=24, tests_failed=0,
+            task_id=task_id,
+            query=query,
+            steps=tuple(steps),
+            namespace=namespace,
+            domain="backend",
+            agent_id=f"agent-{rng.randint(1, 8)}",
+            exit_code=0,
+            tests_passed=24,
+            tests_failed=0,
             final_output=f"Fixed: {remedy}. Strategy: {strategy}. {passed}",
         )
     steps += [
@@ -148,7 +206,14 @@ def trajectory(rng: random.Random, *, task_id: str, success: bool, namespace: st
         Step("run pytest -q", failing),
     ]
     return Trajectory(
-        task_id=task_id, query=query, steps=tuple(steps), namespace=namespace, domain="backend",
-        agent_id=f"agent-{rng.randint(1, 8)}", exit_code=1, tests_passed=23, tests_failed=1,
+        task_id=task_id,
+        query=query,
+        steps=tuple(steps),
+        namespace=namespace,
+        domain="backend",
+        agent_id=f"agent-{rng.randint(1, 8)}",
+        exit_code=1,
+        tests_passed=23,
+        tests_failed=1,
         final_output=failing,
     )

@@ -33,6 +33,7 @@ from rayflow.errors import (
     UnknownTenantError,
 )
 from rayflow.ids import is_valid_id, new_id
+from rayflow.memory.attributes import FilterKey, TenantAttributes
 from rayflow.memory.crypto import CipherCache, FileKeyProvider, KeyProvider
 from rayflow.memory.distill import Distiller, RuleDistiller
 from rayflow.memory.embedding import Embedder, embedder_from_name
@@ -40,7 +41,6 @@ from rayflow.memory.index import IndexSet, TenantIndex
 from rayflow.memory.judge import HeuristicJudge, Judge
 from rayflow.memory.models import (
     Lesson,
-    LinkKind,
     MemoryItem,
     Outcome,
     ScoredItem,
@@ -50,7 +50,6 @@ from rayflow.memory.models import (
 from rayflow.memory.scoring import beta_reliability_array, combined_score, mmr_order, recency
 from rayflow.memory.scrub import scrub
 from rayflow.memory.store import Mutation, Store, default_database_path
-from rayflow.memory.attributes import FilterKey, TenantAttributes
 from rayflow.namespace import ROOT, normalize_namespace
 
 MAX_TAGS = 32
@@ -235,10 +234,14 @@ class ReasoningBank:
         index (only its counters or use time changed) is not re-inserted.
         """
         with state.lock:
-            rows = self.store.reader().execute(
-                self._ATTRIBUTE_SELECT + "AND i.index_seq > ? ORDER BY i.index_seq",
-                (tenant, state.index.high_water),
-            ).fetchall()
+            rows = (
+                self.store.reader()
+                .execute(
+                    self._ATTRIBUTE_SELECT + "AND i.index_seq > ? ORDER BY i.index_seq",
+                    (tenant, state.index.high_water),
+                )
+                .fetchall()
+            )
             if not rows:
                 return
             removed, candidates = [], []
@@ -787,7 +790,9 @@ class ReasoningBank:
             ).fetchall()
         )
         links = dict(
-            conn.execute("SELECT kind, count(*) FROM links WHERE tenant = ? GROUP BY kind", (tenant,)).fetchall()
+            conn.execute(
+                "SELECT kind, count(*) FROM links WHERE tenant = ? GROUP BY kind", (tenant,)
+            ).fetchall()
         )
         return {
             "tenant": tenant,

@@ -107,7 +107,11 @@ def plan_consolidation(
             other = by_label.get(label)
             if other is None or other.id == row.id or other.id in removed:
                 continue
-            if sim >= cfg.duplicate_threshold and other.outcome == row.outcome and other.namespace == row.namespace:
+            if (
+                sim >= cfg.duplicate_threshold
+                and other.outcome == row.outcome
+                and other.namespace == row.namespace
+            ):
                 survivor, duplicate = sorted((row, other), key=lambda r: (r.created_at, r.id))
                 plan.mutations.extend(_merge(conn, survivor, duplicate, sim, now))
                 plan.merged_pairs.append((duplicate.id, survivor.id))

@@ -254,9 +254,7 @@ class Store:
             "WHERE replica_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (replica_id, after_seq, limit),
         )
-        return [
-            Change(r, s, h, t, k, e, msgpack.unpackb(p, raw=False)) for r, s, h, t, k, e, p in rows
-        ]
+        return [Change(r, s, h, t, k, e, msgpack.unpackb(p, raw=False)) for r, s, h, t, k, e, p in rows]
 
     def version_vector(self) -> dict[str, int]:
         """Highest sequence number held per replica: what this replica has seen."""

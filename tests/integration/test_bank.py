@@ -68,7 +68,11 @@ def test_each_result_carries_its_score_components(bank):
     add(bank, "Retry with backoff", "wrap the http client call in a retry with exponential backoff")
     (r,) = bank.retrieve("acme", "http client retry backoff", k=1)
     cfg = bank.config.memory
-    expected = cfg.weight_similarity * r.similarity + cfg.weight_recency * r.recency + cfg.weight_reliability * r.reliability
+    expected = (
+        cfg.weight_similarity * r.similarity
+        + cfg.weight_recency * r.recency
+        + cfg.weight_reliability * r.reliability
+    )
     assert r.score == pytest.approx(expected)
     assert 0 < r.similarity <= 1 and r.recency == pytest.approx(1.0) and r.reliability == pytest.approx(0.5)
 
@@ -106,10 +110,18 @@ def test_namespace_prefix_scopes_retrieval_by_whole_segments(bank):
 
 def test_domain_and_outcome_filters(bank):
     ok = add(bank, "Cache warmup", "warm the lru cache on start", domain="backend", outcome="success")
-    bad = add(bank, "Cache warmup failed", "warming the lru cache on start timed out", domain="backend",
-              outcome="failure")
+    bad = add(
+        bank,
+        "Cache warmup failed",
+        "warming the lru cache on start timed out",
+        domain="backend",
+        outcome="failure",
+    )
     other = add(bank, "Cache warmup", "warm the lru cache on start", domain="frontend")
-    assert {r.item.id for r in bank.retrieve("acme", "lru cache warm", k=10, domain="backend")} == {ok.id, bad.id}
+    assert {r.item.id for r in bank.retrieve("acme", "lru cache warm", k=10, domain="backend")} == {
+        ok.id,
+        bad.id,
+    }
     assert {r.item.id for r in bank.retrieve("acme", "lru cache warm", k=10, outcome="failure")} == {bad.id}
     assert other.id in {r.item.id for r in bank.retrieve("acme", "lru cache warm", k=10)}
 
@@ -148,8 +160,10 @@ def test_reliability_lifts_an_item_above_an_equally_similar_one(bank):
 
 
 def test_mmr_lambda_trades_relevance_for_diversity(bank):
-    dupes = [add(bank, f"Retry variant {i}", "retry the flaky http client call with exponential backoff")
-             for i in range(3)]
+    dupes = [
+        add(bank, f"Retry variant {i}", "retry the flaky http client call with exponential backoff")
+        for i in range(3)
+    ]
     distinct = add(bank, "Retry budget", "cap http retries with a budget per client to avoid storms")
     query = "retry flaky http client call with exponential backoff"
     relevance_only = [r.item.id for r in bank.retrieve("acme", query, k=2, mmr_lambda=1.0)]
@@ -180,8 +194,15 @@ def test_secrets_are_scrubbed_before_anything_reaches_disk(bank, tmp_path):
     item = add(bank, "Deploy notes", f"export GITHUB_TOKEN={token} then mail ops@example.com")
     bank.record_trajectory(
         "acme",
-        Trajectory(task_id="t", query="deploy", steps=(Step(f"curl -H 'Authorization: Bearer {token}'", "ok"),),
-                   exit_code=0, tests_passed=3, tests_failed=0, final_output=f"done {token}"),
+        Trajectory(
+            task_id="t",
+            query="deploy",
+            steps=(Step(f"curl -H 'Authorization: Bearer {token}'", "ok"),),
+            exit_code=0,
+            tests_passed=3,
+            tests_failed=0,
+            final_output=f"done {token}",
+        ),
     )
     stored = bank.get("acme", item.id).content
     assert token not in stored and "ops@example.com" not in stored and "[REDACTED" in stored
@@ -258,8 +279,12 @@ def test_consolidation_merges_duplicates_keeping_counts_and_a_link(bank):
 
 
 def test_consolidation_links_contradicting_outcomes(bank):
-    a = add(bank, "Bump the pool size", "raise the db connection pool size to fix timeouts", outcome="success")
-    b = add(bank, "Bump the pool size", "raise the db connection pool size to fix timeouts", outcome="failure")
+    a = add(
+        bank, "Bump the pool size", "raise the db connection pool size to fix timeouts", outcome="success"
+    )
+    b = add(
+        bank, "Bump the pool size", "raise the db connection pool size to fix timeouts", outcome="failure"
+    )
     assert bank.consolidate("acme").contradictions == 1
     assert any(kind == "contradicts" for _, kind, _ in bank.links("acme", a.id))
     assert bank.get("acme", b.id)  # both kept
@@ -302,7 +327,9 @@ def test_recency_decays_with_age(tmp_path):
 def test_corrupt_index_file_is_rebuilt_from_sqlite(tmp_path):
     bank = open_bank(tmp_path)
     bank.create_tenant("acme")
-    ids = [bank.store_item("acme", namespace="n", title=t.title, content=t.content).id for t in lesson_texts(50)]
+    ids = [
+        bank.store_item("acme", namespace="n", title=t.title, content=t.content).id for t in lesson_texts(50)
+    ]
     bank.close()
     index_files = list((tmp_path / "memory" / "index").glob("*.hnsw"))
     assert index_files

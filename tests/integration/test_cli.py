@@ -26,11 +26,23 @@ def rayflow(state_dir, *args, check=True):
 def test_memory_commands_round_trip(tmp_path):
     rayflow(tmp_path, "memory", "tenant-add", "acme")
     item_id = rayflow(
-        tmp_path, "memory", "add", "--tenant", "acme", "--namespace", "swarm/cli",
-        "--title", "Use WAL mode", "--content", "sqlite database is locked: enable WAL and a busy timeout",
-        "--tag", "sqlite",
+        tmp_path,
+        "memory",
+        "add",
+        "--tenant",
+        "acme",
+        "--namespace",
+        "swarm/cli",
+        "--title",
+        "Use WAL mode",
+        "--content",
+        "sqlite database is locked: enable WAL and a busy timeout",
+        "--tag",
+        "sqlite",
     ).stdout.strip()
-    found = json.loads(rayflow(tmp_path, "memory", "search", "database is locked", "--tenant", "acme", "--json").stdout)
+    found = json.loads(
+        rayflow(tmp_path, "memory", "search", "database is locked", "--tenant", "acme", "--json").stdout
+    )
     assert found[0]["id"] == item_id
     assert {"similarity", "recency", "reliability", "score"} <= found[0].keys()
     table = rayflow(tmp_path, "memory", "search", "database is locked", "--tenant", "acme").stdout
@@ -47,14 +59,18 @@ def test_typed_errors_become_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert "[unknown_tenant]" in proc.stderr and "Traceback" not in proc.stderr
     rayflow(tmp_path, "memory", "tenant-add", "acme")
-    proc = rayflow(tmp_path, "memory", "add", "--tenant", "acme", "--title", " ", "--content", "x", check=False)
+    proc = rayflow(
+        tmp_path, "memory", "add", "--tenant", "acme", "--title", " ", "--content", "x", check=False
+    )
     assert proc.returncode == 2 and "[empty_text]" in proc.stderr
 
 
 def test_broken_config_is_reported_not_crashed(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "rayflow", "memory", "tenants", "--state-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "RAYFLOW_MEMORY_MMR_LAMBDA": "lots"},
     )
     assert proc.returncode == 2 and "[config_error]" in proc.stderr
@@ -63,8 +79,19 @@ def test_broken_config_is_reported_not_crashed(tmp_path):
 def test_demo_job_runs_end_to_end(tmp_path):
     plot = tmp_path / "plot.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "rayflow", "demo", "--state-dir", str(tmp_path / "state"), "--plot", str(plot)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "rayflow",
+            "demo",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "on disk: False" in proc.stdout

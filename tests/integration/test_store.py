@@ -78,13 +78,18 @@ def test_one_tenant_cannot_touch_another_tenants_item(store):
     store.commit("other", [Mutation("tenant.put", "other", {"created_at": 1.0})])
     item_id = new_id()
     store.commit("acme", [Mutation("item.put", item_id, _item_payload())])
-    for kind, payload in (("item.delete", {}), ("item.touch", {"last_used_at": 5.0}),
-                          ("counter.add", {"origin": "x", "uses": 1})):
+    for kind, payload in (
+        ("item.delete", {}),
+        ("item.touch", {"last_used_at": 5.0}),
+        ("counter.add", {"origin": "x", "uses": 1}),
+    ):
         with pytest.raises(ItemNotFoundError):
             store.commit("other", [Mutation(kind, item_id, payload)])
     with pytest.raises(ItemNotFoundError):
         store.commit("other", [Mutation("item.put", item_id, _item_payload(title=b"hijack"))])
-    row = store.reader().execute("SELECT tenant, title, deleted FROM items WHERE id = ?", (item_id,)).fetchone()
+    row = (
+        store.reader().execute("SELECT tenant, title, deleted FROM items WHERE id = ?", (item_id,)).fetchone()
+    )
     assert row == ("acme", b"t", 0)
 
 
@@ -92,7 +97,9 @@ def test_counter_increments_are_logged_as_absolute_per_origin_values(store):
     item_id = new_id()
     store.commit("acme", [Mutation("item.put", item_id, _item_payload())])
     for _ in range(3):
-        store.commit("acme", [Mutation("counter.add", item_id, {"origin": "replica-a", "uses": 1, "successes": 1})])
+        store.commit(
+            "acme", [Mutation("counter.add", item_id, {"origin": "replica-a", "uses": 1, "successes": 1})]
+        )
     last = store.changes_since("replica-a", 0)[-1]
     assert last.kind == "counter.set"
     assert (last.payload["uses"], last.payload["successes"]) == (3, 3)
@@ -115,7 +122,9 @@ def test_remote_changes_apply_once_and_merge_counters_without_loss(tmp_path, sto
         assert other.apply_remote(to_b) == 0  # resending is harmless
         store.apply_remote(to_a)
         totals = [
-            s.reader().execute("SELECT sum(uses) FROM item_counters WHERE item_id = ?", (item_id,)).fetchone()[0]
+            s.reader()
+            .execute("SELECT sum(uses) FROM item_counters WHERE item_id = ?", (item_id,))
+            .fetchone()[0]
             for s in (store, other)
         ]
         assert totals == [7, 7]
