@@ -108,6 +108,9 @@ class Store:
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():
+            # SQLite gives its -wal and -shm files the database file's mode: create it owner-only.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._synchronous = "FULL" if durability == "full" else "NORMAL"
         self._write_lock = threading.Lock()
         self._local = threading.local()

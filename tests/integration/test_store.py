@@ -210,3 +210,13 @@ def test_acknowledged_writes_survive_kill_9(tmp_path):
     store.close()
     assert len(acked) >= 200
     assert set(acked) <= present
+
+
+def test_database_files_are_owner_only(tmp_path):
+    store = Store(tmp_path / "private.sqlite3")
+    store.commit("acme", [Mutation("tenant.put", "acme", {"created_at": 1.0})])
+    try:
+        for path in tmp_path.glob("private.sqlite3*"):
+            assert path.stat().st_mode & 0o077 == 0, path
+    finally:
+        store.close()
