@@ -182,9 +182,18 @@ class ReasoningBank:
         return row is not None
 
     def _tenant(self, tenant: str) -> _TenantState:
-        """The tenant's in-memory state, loading and catching up its index on first use."""
+        """The tenant's in-memory state, loading and catching up its index on first use.
+
+        Another process (a CLI next to a running hub, say) may write to the same database; a
+        one-row index probe notices and catches up before the call is served.
+        """
         state = self._tenants.get(tenant)
         if state is not None:
+            (newest,) = self.store.reader().execute(
+                "SELECT max(index_seq) FROM items WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            if newest is not None and newest > state.index.high_water:
+                self._catch_up(tenant, state)
             return state
         if not isinstance(tenant, str) or not self.has_tenant(tenant):
             raise UnknownTenantError(f"unknown tenant {tenant!r}", tenant=str(tenant))

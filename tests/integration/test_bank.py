@@ -416,3 +416,28 @@ def test_concurrent_readers_and_a_writer_stay_consistent(bank):
         th.join()
     assert errors == []
     assert bank.stats("acme")["items"] == 400
+
+
+def test_writes_from_another_process_are_seen_without_reopening(tmp_path):
+    bank = open_bank(tmp_path)
+    bank.create_tenant("acme")
+    add(bank, "Local item", "written by this process about caching")
+    script = textwrap.dedent(
+        f"""
+        from rayflow.config import load_config
+        from rayflow.memory.bank import ReasoningBank
+        path = {str(tmp_path)!r}
+        with ReasoningBank(path, config=load_config({{"state_dir": path}}, env={{}})) as other:
+            item = other.store_item("acme", namespace="swarm", title="Remote item",
+                                    content="written by another process about zebra migrations")
+            print(item.id)
+        """
+    )
+    try:
+        remote_id = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+        ).stdout.strip()
+        hits = bank.retrieve("acme", "zebra migrations", k=1)
+        assert hits[0].item.id == remote_id
+    finally:
+        bank.close()
