@@ -140,6 +140,23 @@ class DeadlineExceededError(TransportError):
     code = "deadline_exceeded"
 
 
+class OverloadedError(RayflowError):
+    """The server is at a resource limit (in-flight bytes, concurrent calls); retry later."""
+
+    code = "overloaded"
+    retryable = True
+
+
+class TooEarlyError(RayflowError):
+    """A non-idempotent call arrived as 0-RTT early data, which an attacker could replay.
+
+    Retrying once the TLS handshake has completed succeeds.
+    """
+
+    code = "too_early"
+    retryable = True
+
+
 class UnknownOperationError(InvalidInputError):
     """The RPC op is not known to this server."""
 

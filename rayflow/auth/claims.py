@@ -16,6 +16,7 @@ from typing import Any
 
 from rayflow.errors import InvalidInputError, InvalidNamespaceError
 from rayflow.namespace import namespace_within, normalize_namespace
+from rayflow.tenant import validate_tenant_name
 
 #: The pattern that covers every namespace of the token's tenant.
 WHOLE_TENANT = "*"
@@ -23,7 +24,7 @@ WHOLE_TENANT = "*"
 SUBTREE_SUFFIX = "/*"
 #: Upper bound on patterns in one token: keeps tokens small and checks cheap.
 MAX_NAMESPACE_PATTERNS = 64
-#: Upper bound on the subject and tenant strings carried in a token.
+#: Upper bound on the subject string carried in a token (the tenant follows :mod:`rayflow.tenant`).
 MAX_NAME_LENGTH = 256
 
 
@@ -103,7 +104,12 @@ def pattern_allows(pattern: str, namespace: str) -> bool:
 
 
 def check_name(value: object, what: str) -> str:
-    """A subject or tenant: a non-empty printable ASCII string without spaces or slashes."""
+    """A subject: a non-empty printable ASCII string without spaces or slashes.
+
+    Deliberately looser than the tenant rule (:func:`rayflow.tenant.validate_tenant_name`): a
+    subject only identifies the token holder in logs and audits, while a tenant must name
+    something the bank could have created.
+    """
     if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH:
         raise InvalidInputError(f"{what} must be a string of 1..{MAX_NAME_LENGTH} characters")
     if not value.isascii() or not value.isprintable() or " " in value or "/" in value:
@@ -132,7 +138,7 @@ class Claims:
 
     def __post_init__(self) -> None:
         check_name(self.sub, "subject")
-        check_name(self.tenant, "tenant")
+        validate_tenant_name(self.tenant)
         if not isinstance(self.namespaces, tuple):
             raise InvalidNamespaceError("namespace patterns must be a tuple")
         if normalize_namespace_patterns(self.namespaces) != self.namespaces:

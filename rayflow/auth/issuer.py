@@ -14,9 +14,15 @@ from collections.abc import Callable, Iterable
 
 import jwt
 
-from rayflow.auth.claims import Claims, check_name, normalize_namespace_patterns, normalize_scopes
+from rayflow.auth.claims import (
+    Claims,
+    check_name,
+    normalize_namespace_patterns,
+    normalize_scopes,
+)
 from rayflow.auth.keys import SigningKeys
 from rayflow.errors import ConfigError, InvalidInputError
+from rayflow.tenant import validate_tenant_name
 
 #: The one signing algorithm: Ed25519 signatures.
 SIGNING_ALGORITHM = "EdDSA"
@@ -86,7 +92,7 @@ class TokenIssuer:
         issued_at = int(self._clock())
         claims = Claims(
             sub=check_name(sub, "subject"),
-            tenant=check_name(tenant, "tenant"),
+            tenant=validate_tenant_name(tenant),
             namespaces=normalize_namespace_patterns(namespaces),
             scopes=normalize_scopes(scopes),
             iat=issued_at,

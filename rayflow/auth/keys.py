@@ -6,7 +6,7 @@ with the previous key keep verifying until that key is :meth:`KeyRing.retire`\\ 
 moment they stop being accepted.
 
 The ring lives in one JSON file with the owner-only discipline of
-:mod:`rayflow.auth.owner_only_file`. Changes are serialised across processes by a lock file and
+:mod:`rayflow.owner_only_file`. Changes are serialised across processes by a lock file and
 made on a fresh read of the file, so two processes rotating or retiring never lose each
 other's keys. Lookups by ``kid`` read an immutable snapshot and take no lock.
 """
@@ -27,13 +27,13 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from rayflow.auth.owner_only_file import (
+from rayflow.errors import ConfigError, InvalidInputError, NotFoundError
+from rayflow.owner_only_file import (
     ensure_private_dir,
     exclusive_lock,
     read_owner_only,
     write_owner_only,
 )
-from rayflow.errors import ConfigError, InvalidInputError, NotFoundError
 
 #: Version of the key ring file layout.
 KEY_RING_FILE_VERSION = 1

@@ -25,6 +25,7 @@ from typing import Protocol
 import apsw
 
 from rayflow.errors import ConfigError, InvalidInputError, StorageError
+from rayflow.owner_only_file import ensure_private_dir
 
 #: How long after its token's expiry an entry is kept: longer than any verifier's clock leeway.
 DEFAULT_PRUNE_GRACE_S = 300.0
@@ -146,7 +147,7 @@ class RevocationList:
 
     # --- internals -------------------------------------------------------------------------
     def _open(self) -> apsw.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(self.path.parent)
         # SQLite gives its -wal and -shm files the database file's mode: create it owner-only.
         fd = os.open(self.path, os.O_CREAT | os.O_RDONLY, 0o600)
         try:

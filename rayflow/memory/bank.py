@@ -51,12 +51,12 @@ from rayflow.memory.scoring import beta_reliability_array, combined_score, mmr_o
 from rayflow.memory.scrub import scrub
 from rayflow.memory.store import Mutation, Store, default_database_path
 from rayflow.namespace import ROOT, normalize_namespace
+from rayflow.tenant import validate_tenant_name
 
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 64
 MAX_K = 1000
 _TEXT_FIELDS = ("title", "description", "content")
-_TENANT_NAME_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class ReasoningBank:
     # --- tenants ----------------------------------------------------------------------------
     def create_tenant(self, tenant: str) -> None:
         """Create ``tenant`` (and its data key); creating an existing tenant is a no-op."""
-        _validate_tenant_name(tenant)
+        validate_tenant_name(tenant)
         self._keys.create_key(tenant)
         self.store.commit(tenant, [Mutation("tenant.put", tenant, {"created_at": self._clock()})])
 
@@ -835,13 +835,6 @@ def _aad(entity_id: str, field_name: str) -> bytes:
 
 def _embedding_text(lesson: Lesson) -> str:
     return "\n".join(part for part in (lesson.title, lesson.description, lesson.content) if part)
-
-
-def _validate_tenant_name(tenant: str) -> None:
-    if not isinstance(tenant, str) or not tenant or len(tenant) > _TENANT_NAME_MAX:
-        raise InvalidInputError(f"tenant name must be 1..{_TENANT_NAME_MAX} characters")
-    if not tenant.isascii() or not all(ch.isalnum() or ch in "-_." for ch in tenant) or tenant[0] == ".":
-        raise InvalidInputError(f"tenant name may use ASCII letters, digits, '-', '_' and '.': {tenant!r}")
 
 
 def _validate_label(value: str, name: str) -> str:

@@ -6,7 +6,7 @@ leaking text. Why AAD: the caller binds each ciphertext to where it lives (for e
 ``b"<item_id>|title"``), so a ciphertext copied into another row or field does not decrypt.
 
 Keys come from a :class:`KeyProvider`. :class:`FileKeyProvider` keeps them in one local file
-with the same discipline ssh applies to private keys; :class:`InMemoryKeyProvider` serves tests
+with the same discipline ssh applies to private keys (see :mod:`rayflow.owner_only_file`); :class:`InMemoryKeyProvider` serves tests
 and callers that fetch keys from a KMS themselves.
 """
 
@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import errno
-import fcntl
 import json
-import os
 import secrets
-import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -32,6 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rayflow.errors import ConfigError, EncryptionError, InvalidInputError, UnknownTenantError
+from rayflow.owner_only_file import ensure_private_dir, exclusive_lock, read_owner_only, write_owner_only
 
 #: AES-256 needs a 32-byte key.
 KEY_BYTES = 32
@@ -150,8 +146,8 @@ class FileKeyProvider:
             entry = self._entries.get(tenant)
             if entry is not None:
                 return entry.key
-            self._ensure_parent_dir()
-            with self._file_lock():
+            ensure_private_dir(self.path.parent)
+            with exclusive_lock(self.path):
                 # Another process may have written since we last read: start from the file.
                 entries = self._read() if self.path.exists() else {}
                 if tenant not in entries:
@@ -196,26 +192,8 @@ class FileKeyProvider:
             self._entries = self._read()
 
     def _read(self) -> dict[str, _KeyEntry]:
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot open key file {self.path}: {exc.strerror}", path=str(self.path)
-            ) from exc
-        with os.fdopen(fd, "rb") as handle:
-            # Check the mode of the file we actually opened, not of whatever the path names later.
-            mode = os.fstat(handle.fileno()).st_mode
-            if stat.S_IMODE(mode) & 0o077:
-                raise ConfigError(
-                    f"key file {self.path} has mode {stat.S_IMODE(mode):04o}, so group or others can "
-                    f"access it; treat its keys as exposed, and if they are not, run "
-                    f"'chmod 600 {self.path}'",
-                    path=str(self.path),
-                )
-            raw = handle.read()
-        return self._parse(raw)
+        raw = read_owner_only(self.path, label="key file")
+        return {} if raw is None else self._parse(raw)
 
     def _parse(self, raw: bytes) -> dict[str, _KeyEntry]:
         try:
@@ -261,51 +239,7 @@ class FileKeyProvider:
                 for tenant, entry in sorted(entries.items())
             },
         }
-        data = json.dumps(doc, indent=2).encode("utf-8")
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        # O_EXCL with mode 0600: the file never exists with a wider mode, not even briefly.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        self._fsync_dir()
-
-    def _fsync_dir(self) -> None:
-        # Makes the rename durable; some filesystems do not support fsync on directories.
-        try:
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-                raise
-        finally:
-            os.close(dir_fd)
-
-    def _ensure_parent_dir(self) -> None:
-        parent = self.path.parent
-        if not parent.exists():
-            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    @contextlib.contextmanager
-    def _file_lock(self) -> Iterator[None]:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            # Closing the descriptor releases the flock.
-            os.close(fd)
+        write_owner_only(self.path, json.dumps(doc, indent=2).encode("utf-8"))
 
 
 class TenantCipher:

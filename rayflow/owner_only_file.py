@@ -3,6 +3,9 @@
 Why this discipline (the one ssh applies to private keys): a secret file that group or others
 could read must be treated as leaked, so it is refused with a hint rather than silently
 tightened; a write never leaves a half-written file or a moment where the file has a wider mode.
+
+Why a top-level module: both the memory data keys and the token signing keys are kept this way,
+and :mod:`rayflow.memory` and :mod:`rayflow.auth` must not import each other.
 """
 
 from __future__ import annotations
@@ -25,20 +28,24 @@ def ensure_private_dir(directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def read_owner_only(path: Path) -> bytes | None:
-    """The file's bytes, or ``None`` if it does not exist; refuses a group/other-accessible file."""
+def read_owner_only(path: Path, *, label: str = "secret file") -> bytes | None:
+    """The file's bytes, or ``None`` if it does not exist; refuses a group/other-accessible file.
+
+    ``label`` names the file in error messages (``"key file"``, say), so the operator reading
+    the error knows which of several secret files needs attention.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ConfigError(f"cannot open secret file {path}: {exc.strerror}", path=str(path)) from exc
+        raise ConfigError(f"cannot open {label} {path}: {exc.strerror}", path=str(path)) from exc
     with os.fdopen(fd, "rb") as handle:
         # The mode of the file actually opened, not of whatever the path names a moment later.
         mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
         if mode & 0o077:
             raise ConfigError(
-                f"secret file {path} has mode {mode:04o}, so group or others can access it; treat its "
+                f"{label} {path} has mode {mode:04o}, so group or others can access it; treat its "
                 f"keys as exposed, and if they are not, run 'chmod 600 {path}'",
                 path=str(path),
             )
