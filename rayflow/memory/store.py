@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +61,20 @@ class Mutation:
     kind: str
     entity_id: str
     payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited operation: who did what to which tenant and namespace, and how it ended."""
+
+    at: float
+    actor: str
+    tenant: str
+    op: str
+    namespace: str
+    outcome: str
+    latency_ms: float | None = None
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -265,24 +278,32 @@ class Store:
         return {replica: seq for replica, seq in rows}
 
     # --- local, non-replicated log ----------------------------------------------------------
-    def audit(
-        self,
-        *,
-        actor: str,
-        tenant: str,
-        op: str,
-        outcome: str,
-        namespace: str = "",
-        latency_ms: float | None = None,
-        detail: str = "",
-    ) -> None:
-        """Append one audit record (local to this replica; audits are evidence, not state)."""
+    def audit(self, records: Sequence[AuditRecord]) -> None:
+        """Append audit records in one transaction (local to this replica: evidence, not state)."""
+        if not records:
+            return
         with self._write_lock, self._write_transaction() as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO audit(at, actor, tenant, op, namespace, outcome, latency_ms, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), actor, tenant, op, namespace, outcome, latency_ms, detail),
+                [
+                    (r.at, r.actor, r.tenant, r.op, r.namespace, r.outcome, r.latency_ms, r.detail)
+                    for r in records
+                ],
             )
+
+    def audit_records(
+        self, *, tenant: str | None = None, since: float = 0.0, limit: int = 100
+    ) -> list[AuditRecord]:
+        """Newest audit records first, optionally of one tenant."""
+        sql = "SELECT at, actor, tenant, op, namespace, outcome, latency_ms, detail FROM audit WHERE at >= ?"
+        params: list[Any] = [since]
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            params.append(tenant)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit)
+        return [AuditRecord(*row) for row in self.reader().execute(sql, params)]
 
     @contextmanager
     def _write_transaction(self) -> Iterator[apsw.Connection]:

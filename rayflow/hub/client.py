@@ -1,0 +1,162 @@
+"""Clients of a ReasoningBank hub: ``HubClient`` (async) and ``SyncHubClient`` (blocking).
+
+Both share one description of the ops (:class:`_HubOps`): each method only builds the op's
+arguments and hands them to the transport's ``call``. The async client's transport is
+:class:`~rayflow.rpc.client.RpcClient`, whose ``call`` is a coroutine, so its methods are awaited;
+the sync client's is :class:`~rayflow.rpc.client.SyncRpcClient`, which runs that same async client
+on a private loop, so its methods return results. There is no second protocol implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from rayflow.hub.service import OPS
+from rayflow.hub.wire import trajectory_to_wire
+from rayflow.memory.models import Trajectory
+from rayflow.rpc.client import RpcClient, SyncRpcClient
+
+
+class _HubOps:
+    """The hub's ops as methods; ``_transport.call`` decides whether they block or are awaited."""
+
+    _transport: Any
+    token: str
+    timeout_s: float | None
+
+    def _call(self, op: str, **args: Any) -> Any:
+        clean = {name: value for name, value in args.items() if value is not None}
+        return self._transport.call(
+            op, clean, token=self.token, timeout_s=self.timeout_s, idempotent=OPS[op].idempotent
+        )
+
+    def health(self) -> Any:
+        return self._call("health")
+
+    def stats(self) -> Any:
+        return self._call("stats")
+
+    def search(
+        self,
+        query: str | np.ndarray | bytes,
+        *,
+        k: int = 5,
+        namespace: str = "",
+        domain: str | None = None,
+        outcome: str | None = None,
+        min_confidence: float | None = None,
+        mmr_lambda: float | None = None,
+    ) -> Any:
+        """Retrieve the ``k`` best items; ``query`` is text or an embedding (sent as float32 bytes)."""
+        text, embedding = (query, None) if isinstance(query, str) else (None, _as_bytes(query))
+        return self._call(
+            "search",
+            query=text,
+            embedding=embedding,
+            k=k,
+            namespace=namespace,
+            domain=domain,
+            outcome=outcome,
+            min_confidence=min_confidence,
+            mmr_lambda=mmr_lambda,
+        )
+
+    def get(self, item_id: str) -> Any:
+        return self._call("get", id=item_id)
+
+    def store_pattern(
+        self,
+        *,
+        namespace: str,
+        title: str,
+        content: str,
+        description: str | None = None,
+        tags: list[str] | None = None,
+        domain: str | None = None,
+        outcome: str | None = None,
+        confidence: float | None = None,
+        source_task: str | None = None,
+        embedding: np.ndarray | bytes | None = None,
+    ) -> Any:
+        return self._call(
+            "store_pattern",
+            namespace=namespace,
+            title=title,
+            content=content,
+            description=description,
+            tags=tags,
+            domain=domain,
+            outcome=outcome,
+            confidence=confidence,
+            source_task=source_task,
+            embedding=None if embedding is None else _as_bytes(embedding),
+        )
+
+    def record_trajectory(self, trajectory: Trajectory) -> Any:
+        return self._call("record_trajectory", trajectory=trajectory_to_wire(trajectory))
+
+    def report_outcome(self, item_ids: list[str], *, success: bool) -> Any:
+        return self._call("report_outcome", item_ids=list(item_ids), success=success)
+
+    def consolidate(self, *, full: bool = False) -> Any:
+        return self._call("consolidate", full=full)
+
+    def revoke(self, jti: str, *, expires_at: float, reason: str | None = None) -> Any:
+        return self._call("revoke", jti=jti, expires_at=expires_at, reason=reason)
+
+    def issue_token(
+        self, sub: str, *, namespaces: list[str], scopes: list[str], ttl_s: int | None = None
+    ) -> Any:
+        return self._call("issue_token", sub=sub, namespaces=namespaces, scopes=scopes, ttl_s=ttl_s)
+
+
+class HubClient(_HubOps):
+    """Async client: ``await client.search("...")``. One QUIC connection, reused."""
+
+    def __init__(
+        self, host: str, port: int, *, ca_pem: bytes, token: str, timeout_s: float | None = 30.0, **options: Any
+    ) -> None:
+        self._transport = RpcClient(host, port, ca_pem=ca_pem, **options)
+        self.token = token
+        self.timeout_s = timeout_s
+
+    @property
+    def rpc(self) -> RpcClient:
+        return self._transport
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> HubClient:  # noqa: PYI034 - not meant to be subclassed
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class SyncHubClient(_HubOps):
+    """Blocking client for scripts and notebooks: ``client.search("...")``."""
+
+    def __init__(
+        self, host: str, port: int, *, ca_pem: bytes, token: str, timeout_s: float | None = 30.0, **options: Any
+    ) -> None:
+        self._transport = SyncRpcClient(host, port, ca_pem=ca_pem, **options)
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> SyncHubClient:  # noqa: PYI034 - not meant to be subclassed
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _as_bytes(vector: np.ndarray | bytes) -> bytes:
+    if isinstance(vector, (bytes, bytearray, memoryview)):
+        return bytes(vector)
+    return np.asarray(vector, dtype="<f4").tobytes()

@@ -1,0 +1,226 @@
+"""``HubServer``: the ReasoningBank served over QUIC RPC, every call checked against its JWT.
+
+Composition only: :class:`~rayflow.rpc.server.RpcServer` carries the calls, the auth core
+verifies each call's token (a cached check, revocation included), :class:`HubService` runs the
+op for the verified claims, and every outcome is audited.
+
+Threading: reads run on the event loop (they are sub-millisecond and never wait on a lock that a
+disk flush holds for long); writes, which fsync, run on one writer thread so the loop keeps serving
+reads while a write is on its way to disk. Audit records are written in batches off the loop: a
+crash may lose the last fraction of a second of audit records, never an acknowledged write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rayflow.auth.claims import Claims, Scope
+from rayflow.auth.issuer import TokenIssuer
+from rayflow.auth.keys import KeyRing
+from rayflow.auth.revocation import RevocationList
+from rayflow.auth.verifier import TokenVerifier
+from rayflow.config import Config, load_config
+from rayflow.errors import AuthError, RayflowError
+from rayflow.hub.service import OPS, HubService
+from rayflow.memory.bank import ReasoningBank
+from rayflow.memory.store import AuditRecord
+from rayflow.rpc.dispatch import Arg, CallContext, Dispatcher, optional
+from rayflow.rpc.server import RpcServer
+
+logger = logging.getLogger(__name__)
+
+#: Audit records are flushed when this many are waiting, or after ``AUDIT_FLUSH_S``.
+AUDIT_BATCH = 256
+AUDIT_FLUSH_S = 0.2
+
+_NUMBER = (int, float)
+
+#: Argument specs of each op, checked by the dispatcher before the op runs.
+OP_ARGS: dict[str, dict[str, Arg | type | tuple[type, ...]]] = {
+    "health": {},
+    "stats": {},
+    "search": {
+        "query": optional(str),
+        "embedding": optional(bytes),
+        "k": optional(int),
+        "namespace": optional(str),
+        "domain": optional(str),
+        "outcome": optional(str),
+        "min_confidence": optional(_NUMBER),
+        "mmr_lambda": optional(_NUMBER),
+    },
+    "get": {"id": str},
+    "store_pattern": {
+        "namespace": str,
+        "title": str,
+        "content": str,
+        "description": optional(str),
+        "tags": optional(list),
+        "domain": optional(str),
+        "outcome": optional(str),
+        "confidence": optional(_NUMBER),
+        "source_task": optional(str),
+        "embedding": optional(bytes),
+    },
+    "record_trajectory": {"trajectory": dict},
+    "report_outcome": {"item_ids": list, "success": bool},
+    "consolidate": {"full": optional(bool)},
+    "revoke": {"jti": str, "expires_at": _NUMBER, "reason": optional(str)},
+    "issue_token": {"sub": str, "namespaces": list, "scopes": list, "ttl_s": optional(int)},
+}
+assert set(OP_ARGS) == set(OPS)
+
+
+class HubServer:
+    """A ReasoningBank hub on one QUIC port, with its state (bank, keys, TLS) in one directory."""
+
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        region: str = "",
+        config: Config | None = None,
+        server_names: tuple[str, ...] = (),
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.region = region
+        self.config = config or load_config({"state_dir": self.state_dir})
+        self.bank = ReasoningBank(self.state_dir, config=self.config)
+        auth_dir = self.state_dir / "auth"
+        self.key_ring = KeyRing.load_or_create(auth_dir / "signing-keys.json")
+        self.revocations = RevocationList(auth_dir / "revocations.sqlite3")
+        self.issuer = TokenIssuer(self.key_ring)
+        self.verifier = TokenVerifier(
+            self.key_ring,
+            issuer=self.issuer.issuer,
+            audience=self.issuer.audience,
+            revocations=self.revocations,
+        )
+        self.service = HubService(self.bank, self.issuer, self.revocations, region=region)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-hub-writer")
+        self._audit_pending: list[AuditRecord] = []
+        self._audit_task: asyncio.Task[None] | None = None
+        dispatcher = Dispatcher()
+        for op, info in OPS.items():
+            dispatcher.register(op, self._handler(op), args=OP_ARGS[op], idempotent=info.idempotent)
+        self.rpc = RpcServer(
+            dispatcher,
+            host=host,
+            port=port,
+            tls_dir=str(self.state_dir / "tls"),
+            server_names=server_names,
+            authenticate=self._authenticate,
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.rpc.start()
+        self._audit_task = asyncio.get_running_loop().create_task(self._audit_flusher())
+        logger.info("hub %s listening on %s:%d", self.region or "-", *self.address)
+
+    async def close(self) -> None:
+        await self.rpc.close()
+        if self._audit_task is not None:
+            self._audit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._audit_task
+        self._flush_audit()
+        self._writer.shutdown(wait=True)
+        self.revocations.close()
+        self.bank.close()
+
+    async def __aenter__(self) -> HubServer:  # noqa: PYI034 - not meant to be subclassed
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.rpc.address
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.rpc.ca_pem
+
+    def issue_token(
+        self, sub: str, tenant: str, namespaces: list[str], scopes: list[str], ttl_s: int | None = None
+    ) -> str:
+        """Mint a token locally (for the host's operator: the CLI and the Ray actor)."""
+        return self.issuer.issue(sub, tenant, namespaces, scopes, ttl_s=ttl_s)
+
+    # --- per call ---------------------------------------------------------------------------
+    async def _authenticate(self, ctx: CallContext) -> Claims:
+        try:
+            return self.verifier.verify(ctx.token)
+        except AuthError as error:
+            self._audit("-", "-", ctx.op, "", f"refused:{error.code}", None, error.details.get("reason", ""))
+            raise
+
+    def _handler(self, op: str) -> Any:
+        method = getattr(self.service, op)
+        writes = OPS[op].scope != Scope.READ
+
+        async def handle(ctx: CallContext, **args: Any) -> Any:
+            claims: Claims = ctx.principal  # type: ignore[assignment]
+            started = time.perf_counter()
+            namespace = str(args.get("namespace", ""))
+            try:
+                if writes:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(self._writer, functools.partial(method, claims, **args))
+                else:
+                    result = method(claims, **args)
+            except RayflowError as error:
+                self._audit(claims.sub, claims.tenant, op, namespace, f"error:{error.code}", started)
+                raise
+            self._audit(claims.sub, claims.tenant, op, namespace, "ok", started)
+            return result
+
+        return handle
+
+    # --- audit ------------------------------------------------------------------------------
+    def _audit(
+        self,
+        actor: str,
+        tenant: str,
+        op: str,
+        namespace: str,
+        outcome: str,
+        started: float | None,
+        detail: str = "",
+    ) -> None:
+        latency = None if started is None else (time.perf_counter() - started) * 1000.0
+        self._audit_pending.append(
+            AuditRecord(time.time(), actor, tenant, op, namespace, outcome, latency, detail)
+        )
+
+    async def _audit_flusher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(AUDIT_FLUSH_S)
+            if self._audit_pending:
+                # Swapped on the loop thread, the only one that appends, so no record slips between.
+                batch, self._audit_pending = self._audit_pending, []
+                await loop.run_in_executor(self._writer, self._write_audit, batch)
+
+    def _flush_audit(self) -> None:
+        batch, self._audit_pending = self._audit_pending, []
+        self._write_audit(batch)
+
+    def _write_audit(self, batch: list[AuditRecord]) -> None:
+        try:
+            self.bank.store.audit(batch)
+        except RayflowError:
+            logger.exception("could not write %d audit records", len(batch))
