@@ -19,14 +19,11 @@ from typing import Any
 
 import yaml
 
+from actors.placement import region_resource
 from rayflow.errors import ConfigError
 
 #: Ray's own lower bound for a node's object store (75 MiB).
 MIN_OBJECT_STORE_MB = 75
-#: The resource every node of a region carries; tasks ask for a fraction of it to be pinned.
-REGION_RESOURCE_PREFIX = "region:"
-#: The Ray node label carrying the region name (label keys under ``ray.io/`` are Ray's own).
-REGION_LABEL_KEY = "rayflow/region"
 
 # Region and cluster names end up in Ray label values, resource names and directory names,
 # so they follow Ray's label value syntax: alphanumerics with '-', '_' or '.' inside.
@@ -47,7 +44,7 @@ class RegionSpec:
     @property
     def resource(self) -> str:
         """The custom resource name that pins work to this region, e.g. ``region:us-west``."""
-        return f"{REGION_RESOURCE_PREFIX}{self.name}"
+        return region_resource(self.name)
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ if __package__ in (None, ""):
     # Run as a file (python clusters/local.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.placement import REGION_LABEL_KEY
 from clusters.config import (
-    REGION_LABEL_KEY,
     ClusterSpec,
     RegionSpec,
     load_cluster_config,

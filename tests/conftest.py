@@ -27,15 +27,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from clusters.config import REGION_LABEL_KEY, REGION_RESOURCE_PREFIX
+from actors.placement import REGION_LABEL_KEY, pin_to_region, region_resource
 from clusters.local import free_tcp_port as _free_tcp_port
 
 #: Regions of the default test cluster; a module overrides the `ray_cluster_regions` fixture to change them.
 DEFAULT_TEST_REGIONS: tuple[str, ...] = ("us-west", "eu-central")
 #: Small object stores: tests move tiny objects, and the machine has other work to do.
 TEST_OBJECT_STORE_BYTES = 128 * 1024 * 1024
-#: How much of a region resource a task asks for: enough to pin it, too little to limit concurrency.
-REGION_PIN_AMOUNT = 0.01
 
 
 @dataclass
@@ -50,7 +48,7 @@ class RegionCluster:
     @staticmethod
     def pin(region: str) -> dict[str, float]:
         """Resources to pass to ``.options(resources=...)`` so work runs in ``region``."""
-        return {f"{REGION_RESOURCE_PREFIX}{region}": REGION_PIN_AMOUNT}
+        return pin_to_region(region)
 
 
 def start_region_cluster(regions: Sequence[str], cpus_per_node: int = 1) -> RegionCluster:
@@ -72,7 +70,7 @@ def start_region_cluster(regions: Sequence[str], cpus_per_node: int = 1) -> Regi
         return {
             "num_cpus": cpus_per_node,
             "num_gpus": 0,
-            "resources": {f"{REGION_RESOURCE_PREFIX}{region}": 1},
+            "resources": {region_resource(region): 1},
             "labels": {REGION_LABEL_KEY: region},
             "object_store_memory": TEST_OBJECT_STORE_BYTES,
             # Ray's fixed default (52365) would collide with any other cluster on this machine.

@@ -169,7 +169,10 @@ def encode_request(
         "deadline_ms": deadline_ms,
     }
     _check_request_body(body)
-    return encode_frame(body, max_frame_bytes=max_frame_bytes)
+    try:
+        return encode_frame(body, max_frame_bytes=max_frame_bytes)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"arguments cannot be sent: {exc}") from None
 
 
 def encode_response(request_id: int, result: Any, *, max_frame_bytes: int | None = None) -> bytes:

@@ -229,3 +229,8 @@ def test_unknown_error_code_from_the_wire_keeps_its_code():
 def test_malformed_response_is_invalid_input(body):
     with pytest.raises(InvalidInputError):
         decode_response(msgpack.packb(body))
+
+
+def test_arguments_msgpack_cannot_carry_are_invalid_input_at_the_caller():
+    with pytest.raises(InvalidInputError, match="cannot be sent"):
+        encode_request("op", 1, "tok", {"value": object()})

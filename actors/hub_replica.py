@@ -1,0 +1,96 @@
+"""``HubReplica``: a Ray actor hosting one ReasoningBank hub on its node, found by region name.
+
+A thin shell over :class:`rayflow.hub.server.HubServer`. The actor is async: the hub's QUIC server
+runs on the actor's event loop, next to the actor's own methods. Its state directory is a path on
+the node's disk passed at creation, so when Ray restarts the actor (``max_restarts``) the new
+incarnation reopens the same SQLite bank, keys and TLS material and serves everything that was
+acknowledged before. The QUIC port may change across a restart: clients ask :meth:`address` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import ray
+
+from actors.placement import pin_to_region
+from rayflow.hub.server import HubServer
+
+#: Ray namespace of rayflow's named actors.
+RAY_NAMESPACE = "rayflow"
+
+
+def hub_actor_name(region: str) -> str:
+    """The name a region's hub replica is registered under."""
+    return f"hub-{region}"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class HubReplica:
+    """One hub replica. Create it with :func:`start_hub_replica`; find it with :func:`get_hub_replica`."""
+
+    def __init__(self, state_dir: str, region: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = HubServer(state_dir, host=host, port=port, region=region)
+        self._region = region
+        self._started: asyncio.Task[None] | None = None
+
+    async def _ready(self) -> HubServer:
+        # __init__ does not run on the actor's event loop; the QUIC server starts on first use.
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._server.start())
+        await asyncio.shield(self._started)
+        return self._server
+
+    async def address(self) -> tuple[str, int]:
+        """(host, port) of the QUIC endpoint."""
+        return (await self._ready()).address
+
+    async def ca_pem(self) -> bytes:
+        """The CA certificate clients pin."""
+        return (await self._ready()).ca_pem
+
+    async def endpoint(self) -> dict[str, Any]:
+        """Everything a worker needs to connect: address, CA, region and node."""
+        server = await self._ready()
+        host, port = server.address
+        return {
+            "host": host,
+            "port": port,
+            "ca_pem": server.ca_pem,
+            "region": self._region,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "replica_id": server.bank.store.replica_id,
+        }
+
+    async def issue_token(
+        self, sub: str, tenant: str, namespaces: list[str], scopes: list[str], ttl_s: int | None = None
+    ) -> str:
+        """Mint a token for a sandbox (the coordinator calls this; it is inside the cluster's trust)."""
+        return (await self._ready()).issue_token(sub, tenant, namespaces, scopes, ttl_s)
+
+    async def stop(self) -> None:
+        """Close the QUIC server and the bank cleanly (before the actor is killed on purpose)."""
+        if self._started is not None:
+            await self._server.close()
+            self._started = None
+
+
+def start_hub_replica(
+    region: str, state_dir: str, *, host: str = "127.0.0.1", port: int = 0, detached: bool = False
+) -> Any:
+    """Create the named hub replica of ``region``, pinned to a node of that region."""
+    options: dict[str, Any] = {
+        "name": hub_actor_name(region),
+        "namespace": RAY_NAMESPACE,
+        "resources": pin_to_region(region),
+        "num_cpus": 0,
+    }
+    if detached:
+        options["lifetime"] = "detached"
+    return HubReplica.options(**options).remote(state_dir, region, host, port)
+
+
+def get_hub_replica(region: str) -> Any:
+    """The running hub replica of ``region`` (raises ``ValueError`` if there is none)."""
+    return ray.get_actor(hub_actor_name(region), namespace=RAY_NAMESPACE)
