@@ -20,6 +20,10 @@ from rayflow.errors import RayflowError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 memory_app = typer.Typer(no_args_is_help=True, help="Work with a local ReasoningBank.")
 app.add_typer(memory_app, name="memory")
+hub_app = typer.Typer(no_args_is_help=True, help="Run a ReasoningBank hub.")
+app.add_typer(hub_app, name="hub")
+token_app = typer.Typer(no_args_is_help=True, help="Issue and revoke hub tokens (on the hub's host).")
+app.add_typer(token_app, name="token")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -193,6 +197,122 @@ def consolidate(
         f"examined {report.examined}, merged {report.merged}, "
         f"contradictions {report.contradictions}, pruned {report.pruned}"
     )
+
+
+@hub_app.command("serve")
+def hub_serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (UDP)."),
+    port: int = typer.Option(4433, help="UDP port (0 picks a free one)."),
+    region: str = typer.Option("", help="Region this hub serves."),
+    state_dir: Optional[Path] = StateDirOption,
+) -> None:
+    """Serve the ReasoningBank over QUIC until interrupted (no Ray needed)."""
+    import asyncio
+    import signal
+
+    from rayflow.hub.server import HubServer
+
+    config = _config(state_dir)
+
+    async def serve() -> None:
+        async with HubServer(config.state_dir, host=host, port=port, region=region, config=config) as hub:
+            bound_host, bound_port = hub.address
+            endpoint = {"host": bound_host, "port": bound_port, "ca": str(config.state_dir / "tls" / "ca.pem")}
+            (config.state_dir / "hub-endpoint.json").write_text(json.dumps(endpoint) + "\n")
+            console.print(f"hub listening on {bound_host}:{bound_port} (UDP, QUIC, ALPN rayflow/1)")
+            console.print(f"clients pin the CA at {endpoint['ca']}")
+            console.print("issue a token with: rayflow token issue --tenant NAME --sub AGENT")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            console.print("stopping")
+
+    asyncio.run(serve())
+
+
+@token_app.command("issue")
+def token_issue(
+    tenant: str = typer.Option(..., help="Tenant the token acts for."),
+    sub: str = typer.Option(..., help="Subject: the sandbox or agent id."),
+    namespace: list[str] = typer.Option(["*"], "--namespace", "-n", help="Pattern: 'a/b', 'a/*' or '*'."),
+    scope: list[str] = typer.Option(
+        ["reasoningbank:read", "reasoningbank:write"], "--scope", help="reasoningbank:read|write, admin"
+    ),
+    ttl: Optional[int] = typer.Option(None, help="Lifetime in seconds (default 300)."),
+    state_dir: Optional[Path] = StateDirOption,
+) -> None:
+    """Print a new token signed with the hub's active key."""
+    from rayflow.auth.issuer import TokenIssuer
+    from rayflow.auth.keys import KeyRing
+    from rayflow.hub.server import signing_keys_path
+
+    config = _config(state_dir)
+    issuer = TokenIssuer(KeyRing.load_or_create(signing_keys_path(config.state_dir)))
+    print(issuer.issue(sub, tenant, namespace, scope, ttl_s=ttl))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_or_jti: str = typer.Argument(..., help="The token itself, or its jti."),
+    expires_at: Optional[float] = typer.Option(None, help="With a bare jti: when the token expires (epoch s)."),
+    reason: str = typer.Option("revoked from the command line"),
+    state_dir: Optional[Path] = StateDirOption,
+) -> None:
+    """Add a token to the hub's deny-list (seen by a running hub within a second)."""
+    import time
+
+    import jwt
+
+    from rayflow.auth.revocation import RevocationList
+    from rayflow.errors import InvalidInputError
+    from rayflow.hub.server import revocations_path
+
+    config = _config(state_dir)
+    if token_or_jti.count(".") == 2:
+        try:
+            # Only the jti and exp are read; revoking needs no proof that the token is valid.
+            payload = jwt.decode(token_or_jti, options={"verify_signature": False})
+            jti, exp = str(payload["jti"]), float(payload["exp"])
+        except (jwt.PyJWTError, KeyError, TypeError, ValueError) as exc:
+            raise InvalidInputError("not a token with a jti and exp") from exc
+    else:
+        jti, exp = token_or_jti, expires_at if expires_at is not None else time.time() + 24 * 3600
+    revocations = RevocationList(revocations_path(config.state_dir))
+    try:
+        revocations.revoke(jti, exp, reason)
+    finally:
+        revocations.close()
+    console.print(f"revoked {jti}")
+
+
+@app.command("audit")
+def audit(
+    tenant: Optional[str] = typer.Option(None, "--tenant", "-t", help="Only this tenant."),
+    limit: int = typer.Option(50, min=1, max=100_000),
+    as_json: bool = typer.Option(False, "--json"),
+    state_dir: Optional[Path] = StateDirOption,
+) -> None:
+    """Show the newest audited hub operations."""
+    from rayflow.memory.store import Store, default_database_path
+
+    config = _config(state_dir)
+    store = Store(default_database_path(config.state_dir))
+    try:
+        records = store.audit_records(tenant=tenant, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps([r.__dict__ for r in records], indent=2))
+        return
+    table = Table(title=f"audit ({len(records)} newest)")
+    for column in ("time", "actor", "tenant", "op", "namespace", "outcome", "ms"):
+        table.add_column(column)
+    for r in records:
+        latency = "-" if r.latency_ms is None else f"{r.latency_ms:.2f}"
+        table.add_row(_when(r.at), r.actor, r.tenant, r.op, r.namespace, r.outcome, latency)
+    console.print(table)
 
 
 @app.command("demo")

@@ -78,6 +78,16 @@ OP_ARGS: dict[str, dict[str, Arg | type | tuple[type, ...]]] = {
 assert set(OP_ARGS) == set(OPS)
 
 
+def signing_keys_path(state_dir: Path) -> Path:
+    """The hub's JWT signing key ring under its state directory."""
+    return Path(state_dir) / "auth" / "signing-keys.json"
+
+
+def revocations_path(state_dir: Path) -> Path:
+    """The hub's persisted token deny-list under its state directory."""
+    return Path(state_dir) / "auth" / "revocations.sqlite3"
+
+
 class HubServer:
     """A ReasoningBank hub on one QUIC port, with its state (bank, keys, TLS) in one directory."""
 
@@ -96,9 +106,8 @@ class HubServer:
         self.region = region
         self.config = config or load_config({"state_dir": self.state_dir})
         self.bank = ReasoningBank(self.state_dir, config=self.config)
-        auth_dir = self.state_dir / "auth"
-        self.key_ring = KeyRing.load_or_create(auth_dir / "signing-keys.json")
-        self.revocations = RevocationList(auth_dir / "revocations.sqlite3")
+        self.key_ring = KeyRing.load_or_create(signing_keys_path(self.state_dir))
+        self.revocations = RevocationList(revocations_path(self.state_dir))
         self.issuer = TokenIssuer(self.key_ring)
         self.verifier = TokenVerifier(
             self.key_ring,
