@@ -1,6 +1,7 @@
 """The hub over real QUIC on 127.0.0.1: tokens, tenants, namespaces, revocation, bad input, audit."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -157,5 +158,33 @@ def test_sync_client_shares_the_async_implementation(tmp_path):
 
         stored_id, found_id = await loop.run_in_executor(None, blocking)
         assert stored_id == found_id
+
+    run(_with_hub(tmp_path, body))
+
+
+def test_learning_and_admin_ops_over_rpc(tmp_path):
+    import random
+
+    from rayflow.jobs.synthetic_tasks import trajectory
+
+    async def body(hub, client):
+        admin = client(hub.issue_token("admin", "acme", ["*"], ["admin"]))
+        minted = await admin.issue_token("agent-9", namespaces=["swarm/*"], scopes=RW, ttl_s=120)
+        agent = client(minted["token"])
+        t = trajectory(random.Random(1), task_id="t-1", success=True, namespace="swarm/run")
+        with pytest.raises(PermissionDeniedError):  # attribution cannot be forged
+            await agent.record_trajectory(t)
+        t = dataclasses.replace(t, agent_id="agent-9")
+        recorded = await agent.record_trajectory(t)
+        assert recorded["verdict"]["outcome"] == "success" and recorded["item_ids"]
+        item_id = recorded["item_ids"][0]
+        await agent.report_outcome([item_id], success=True)
+        assert (await agent.get(item_id))["successes"] == 1
+        report = await admin.consolidate()
+        assert report["examined"] >= 1
+        assert (await admin.stats())["trajectories"] == 1
+        other_tenant_admin = client(hub.issue_token("admin", "globex", ["*"], ["admin"]))
+        with pytest.raises(ItemNotFoundError):
+            await other_tenant_admin.get(item_id)
 
     run(_with_hub(tmp_path, body))
