@@ -1,0 +1,1 @@
+"""Sandboxes: one isolated environment per worker (Docker, Linux namespaces, plain process)."""
