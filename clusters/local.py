@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,49 @@ NODE_LABEL_KEY = "rayflow/node"
 
 #: Environment for every Ray process started here: no usage reports leave the machine.
 _RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_IMPORT_WARNING": "1"}
+
+
+AUTH_TOKEN_FILE = "ray-auth-token"
+
+
+def cluster_auth_env(state_dir: Path) -> dict[str, str]:
+    """Environment that makes Ray nodes and drivers use this cluster's auth token.
+
+    Ray (2.5x) turns token authentication on by itself once ``~/.ray/auth_token`` exists, which
+    makes nodes and drivers started with different settings refuse each other. A token already
+    given in the environment (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) is used as is;
+    otherwise the cluster gets its own (0600, in its state directory), named explicitly to every
+    process that belongs to it.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return {"RAY_AUTH_MODE": "token"}
+    path = Path(state_dir) / AUTH_TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+@contextmanager
+def driver_env(state_dir: Path) -> Iterator[None]:
+    """This process's Ray driver environment for the cluster in ``state_dir``, restored afterwards.
+
+    Ray caches the token it loaded per process, so a process should drive one cluster's token
+    only; with a token in the environment nothing changes here.
+    """
+    wanted = cluster_auth_env(state_dir)
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass(frozen=True)
@@ -151,18 +196,23 @@ def up(spec: ClusterSpec, state_dir: Path, timeout_s: float = 120.0) -> ClusterS
     started: list[NodeRecord] = []
     address = ""
     try:
-        head = _launch_node(ray_cli, spec, head_region, 0, log_dir, temp_dir, head_address=None)
+        head = _launch_node(
+            ray_cli, spec, head_region, 0, log_dir, temp_dir, head_address=None, state_dir=state_dir
+        )
         started.append(head)
         # Saved before waiting, so that `down` can stop a head whose start-up hangs.
         ClusterState(spec.name, address, temp_dir, tuple(started)).save(state_dir)
         address = _wait_for_head_address(head, temp_dir, deadline)
         for region, index in placements[1:]:
             started.append(
-                _launch_node(ray_cli, spec, region, index, log_dir, temp_dir, head_address=address)
+                _launch_node(
+                    ray_cli, spec, region, index, log_dir, temp_dir, head_address=address, state_dir=state_dir
+                )
             )
         state = ClusterState(spec.name, address, temp_dir, tuple(started))
         state.save(state_dir)
-        _wait_for_nodes(state, spec.node_count, deadline)
+        with driver_env(state_dir):
+            _wait_for_nodes(state, spec.node_count, deadline)
     except BaseException:
         partial = ClusterState(spec.name, address, temp_dir, tuple(started))
         _stop_nodes(partial)
@@ -179,6 +229,7 @@ def _launch_node(
     log_dir: Path,
     temp_dir: str,
     head_address: str | None,
+    state_dir: Path,
 ) -> NodeRecord:
     is_head = head_address is None
     labels = f"{REGION_LABEL_KEY}={region.name},{NODE_LABEL_KEY}={region.name}-{index}"
@@ -210,7 +261,7 @@ def _launch_node(
         command.append(f"--address={head_address}")
 
     log_path = log_dir / f"{region.name}-{index}.log"
-    env = {**os.environ, **_RAY_ENV}
+    env = {**os.environ, **_RAY_ENV, **cluster_auth_env(state_dir)}
     with open(log_path, "wb") as log:
         # A session of its own: the node's processes form one group that is stopped as a unit,
         # and a Ctrl-C in the terminal that ran `up` does not reach them.
@@ -284,13 +335,14 @@ def status(state_dir: Path) -> list[NodeStatus]:
     running = {node.pid: _is_our_process(node.pid, state.temp_dir) for node in state.nodes}
     ray_view: dict[str, tuple[bool, dict[str, float]]] = {}
     if any(running.values()) and state.address:
-        import ray
+        with driver_env(state_dir):
+            import ray
 
-        ray.init(address=state.address, logging_level="WARNING", log_to_driver=False)
-        try:
-            ray_view = {label: (alive, resources) for label, alive, resources in _ray_nodes(ray)}
-        finally:
-            ray.shutdown()
+            ray.init(address=state.address, logging_level="WARNING", log_to_driver=False)
+            try:
+                ray_view = {label: (alive, resources) for label, alive, resources in _ray_nodes(ray)}
+            finally:
+                ray.shutdown()
     result = []
     for node in state.nodes:
         alive, resources = ray_view.get(node.node_label, (False, {}))
@@ -467,7 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             state = up(spec, state_dir, timeout_s=args.timeout)
             print(f"cluster {state.name!r} is up with {len(state.nodes)} nodes at {state.address}")
-            print(f"  connect with: ray.init(address={state.address!r})")
+            auth = cluster_auth_env(state_dir)
+            exports = " ".join(f"{key}={value}" for key, value in auth.items())
+            print(f"  connect with: {exports} and ray.init(address={state.address!r})")
             print(f"  node logs:    {state_dir / 'logs'}")
             return 0
         if args.command == "status":

@@ -9,6 +9,7 @@ tested when the regions are different Ray nodes, so the cluster is built with
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ import pytest
 # Set before Ray is imported anywhere: no usage reports, no warnings about import order.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+# Token authentication, with a token of this test run: Ray enables it by itself once
+# ~/.ray/auth_token exists, and nodes and drivers must agree on it.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # `clusters` lives at the repository root and is not an installed package; pytest run from

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from clusters.config import ClusterSpec, RegionSpec, load_cluster_config
-from clusters.local import ClusterState, free_tcp_port, load_state
+from clusters.local import ClusterState, driver_env, free_tcp_port, load_state
 from rayflow.errors import ConfigError
 
 pytestmark = pytest.mark.integration
@@ -181,11 +181,12 @@ def driver(launched: dict[str, Any]) -> Iterator[Any]:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address=launched["state"].address, logging_level="WARNING", log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with driver_env(launched["state_dir"]):
+        ray.init(address=launched["state"].address, logging_level="WARNING", log_to_driver=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def test_every_region_has_a_live_node_with_its_resource_and_label(driver: Any) -> None:
