@@ -52,7 +52,7 @@ log "python3: $(command -v python3) ($(python3 -c 'import platform; print(platfo
 # /usr/local/bin does not bring the engine, hence dockerd for docker.io).
 wanted=("bubblewrap:bwrap" "iproute2:ip" "iptables:iptables")
 if [[ $with_docker == 1 ]]; then
-    wanted+=("docker.io:dockerd")
+    wanted+=("docker.io:dockerd" "debootstrap:debootstrap")
 fi
 
 missing=()

@@ -153,8 +153,9 @@ def docker_is_required() -> bool:
 @pytest.fixture(scope="module")
 def docker_client() -> Iterator[Any]:
     """A Docker SDK client talking to a live engine; skips locally when there is none."""
-    import docker
     import requests
+
+    import docker
 
     try:
         client = docker.from_env(timeout=60)

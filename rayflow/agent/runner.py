@@ -1,0 +1,249 @@
+"""Runs one subtask inside a sandbox with the agent its spec names, and reports a JSON result.
+
+``python -m rayflow.agent run SPEC_JSON_FILE`` reads a spec::
+
+    {"agent": {"kind": "shell", "command": "make test"}            # or
+     "agent": {"kind": "python", "target": "my_agents.fix:solve"},
+     "task": {...free-form, handed to the agent...},
+     "workdir": "/workspace",          # optional, default: the current directory
+     "timeout_s": 600}                 # optional, for the shell agent's command
+
+and prints one JSON object: ``{"ok", "agent", "value", "exit_code", "stdout", "stderr", "error",
+"duration_s"}``. Two kinds of agent, because a swarm runs both existing command-line agents and
+Python ones:
+
+* a *shell* agent is a command run by ``/bin/sh -c`` in the work directory; it gets the task as
+  JSON on stdin and in the file named by ``RAYFLOW_TASK_FILE``; it succeeds when it exits 0;
+* a *python* agent is a callable ``module:function`` taking an :class:`AgentContext`; what it
+  returns (JSON-serializable) is the result's ``value``.
+
+The context gives an agent commands (``run``), files and the shared memory. ``memory`` is a hub
+client built on first use from ``RAYFLOW_HUB_HOST``, ``RAYFLOW_HUB_PORT``, ``RAYFLOW_HUB_CA`` (a
+PEM file path or PEM text) and ``RAYFLOW_HUB_TOKEN``; the client is imported only then, and it
+needs aioquic and numpy, so an image whose agents use memory must carry those packages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayflow.agent.procfs import own_group_options
+from rayflow.errors import ConfigError, InvalidInputError, RayflowError
+
+#: Bytes of an agent's own stdout/stderr kept in the result.
+RESULT_OUTPUT_BYTES = 1024 * 1024
+HUB_ENV = ("RAYFLOW_HUB_HOST", "RAYFLOW_HUB_PORT", "RAYFLOW_HUB_CA", "RAYFLOW_HUB_TOKEN")
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    """How a command run through :meth:`AgentContext.run` ended."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+def run_command(
+    command: str | list[str],
+    *,
+    cwd: Path,
+    stdin: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> CommandOutcome:
+    """Run ``command`` (a string goes to ``/bin/sh -c``) in its own process group; on timeout the
+    whole group is killed, so helpers it started do not outlive it."""
+    argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+    process = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **own_group_options(),
+    )
+    try:
+        out, err = process.communicate(stdin, timeout=timeout_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = process.communicate()
+        timed_out = True
+    code = process.returncode
+    return CommandOutcome(code if code >= 0 else 128 - code, out, err, timed_out)
+
+
+class AgentContext:
+    """What an agent may use: the task, its work directory, commands, files and shared memory."""
+
+    def __init__(self, task: Mapping[str, Any], workdir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.task = dict(task)
+        self.workdir = workdir
+        self._env = os.environ if env is None else env
+        self._memory: Any = None
+
+    def path(self, path: str | Path) -> Path:
+        """``path`` taken relative to the work directory unless absolute."""
+        return self.workdir / path
+
+    def run(
+        self, command: str | list[str], *, stdin: bytes | None = None, timeout_s: float | None = None
+    ) -> CommandOutcome:
+        return run_command(command, cwd=self.workdir, stdin=stdin, timeout_s=timeout_s)
+
+    def read_file(self, path: str | Path) -> bytes:
+        return self.path(path).read_bytes()
+
+    def write_file(self, path: str | Path, data: bytes | str) -> None:
+        target = self.path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.encode() if isinstance(data, str) else data)
+
+    @property
+    def memory(self) -> Any:
+        """A blocking hub client (``SyncHubClient``), built on first use from ``RAYFLOW_HUB_*``."""
+        if self._memory is None:
+            self._memory = connect_memory(self._env)
+        return self._memory
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+
+
+def hub_settings(env: Mapping[str, str]) -> tuple[str, int, bytes, str]:
+    """(host, port, CA PEM, token) from the ``RAYFLOW_HUB_*`` variables; ConfigError if incomplete."""
+    missing = [name for name in HUB_ENV if not env.get(name)]
+    if missing:
+        raise ConfigError("this sandbox has no hub configured", missing=", ".join(missing))
+    try:
+        port = int(env["RAYFLOW_HUB_PORT"])
+    except ValueError:
+        raise ConfigError("RAYFLOW_HUB_PORT must be a port number") from None
+    ca = env["RAYFLOW_HUB_CA"]
+    ca_pem = ca.encode() if ca.lstrip().startswith("-----BEGIN") else Path(ca).read_bytes()
+    return env["RAYFLOW_HUB_HOST"], port, ca_pem, env["RAYFLOW_HUB_TOKEN"]
+
+
+def connect_memory(env: Mapping[str, str]) -> Any:
+    """A ``SyncHubClient`` for the configured hub (imports the client, and so aioquic and numpy, now)."""
+    host, port, ca_pem, token = hub_settings(env)
+    from rayflow.hub.client import SyncHubClient
+
+    return SyncHubClient(host, port, ca_pem=ca_pem, token=token)
+
+
+# --- running a spec ---------------------------------------------------------------------------
+def load_callable(target: str) -> Callable[[AgentContext], Any]:
+    """The function named by ``"package.module:function"``."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise InvalidInputError("a python agent is named 'module:function'", target=target)
+    function = getattr(importlib.import_module(module_name), attribute, None)
+    if not callable(function):
+        raise InvalidInputError(f"{target!r} is not a callable", target=target)
+    return function
+
+
+def _text(data: bytes) -> str:
+    return data[:RESULT_OUTPUT_BYTES].decode("utf-8", "replace")
+
+
+def _error(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, RayflowError):
+        return {"code": exc.code, "message": exc.message}
+    return {"code": "agent_failed", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def run_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the subtask ``spec`` describes and return the result object (never raises for agent errors)."""
+    started = time.monotonic()
+    agent = spec.get("agent")
+    task = spec.get("task") or {}
+    if not isinstance(agent, dict) or agent.get("kind") not in ("shell", "python"):
+        raise InvalidInputError("spec field 'agent' must be {'kind': 'shell' | 'python', ...}")
+    if not isinstance(task, dict):
+        raise InvalidInputError("spec field 'task' must be an object")
+    workdir = Path(spec.get("workdir") or os.getcwd())
+    result: dict[str, Any] = {
+        "ok": False,
+        "agent": agent["kind"],
+        "value": None,
+        "exit_code": None,
+        "stdout": "",
+        "stderr": "",
+        "error": None,
+    }
+    if agent["kind"] == "shell":
+        command = agent.get("command")
+        if not isinstance(command, str) or not command:
+            raise InvalidInputError("a shell agent needs a 'command' string")
+        task_json = json.dumps(task).encode()
+        with tempfile.NamedTemporaryFile(prefix="rayflow-task-", suffix=".json") as task_file:
+            task_file.write(task_json)
+            task_file.flush()
+            outcome = run_command(
+                command,
+                cwd=workdir,
+                stdin=task_json,
+                env={"RAYFLOW_TASK_FILE": task_file.name},
+                timeout_s=spec.get("timeout_s"),
+            )
+        result.update(
+            ok=outcome.ok,
+            exit_code=outcome.exit_code,
+            stdout=_text(outcome.stdout),
+            stderr=_text(outcome.stderr),
+        )
+        if outcome.timed_out:
+            result["error"] = {"code": "deadline_exceeded", "message": "the agent's command timed out"}
+    else:
+        context = AgentContext(task, workdir)
+        try:
+            value = load_callable(str(agent.get("target", "")))(context)
+            json.dumps(value)  # the value must travel as JSON: fail here, inside the agent's result
+            result.update(ok=True, value=value)
+        except Exception as exc:  # noqa: BLE001 - an agent's failure is its result, not the runner's
+            result["error"] = _error(exc)
+        finally:
+            context.close()
+    result["duration_s"] = time.monotonic() - started
+    return result
+
+
+def run_spec_file(path: str) -> int:
+    """Entry point of ``python -m rayflow.agent run``: prints the result; 0 when the agent succeeded."""
+    try:
+        spec = json.loads(Path(path).read_text())
+        if not isinstance(spec, dict):
+            raise InvalidInputError("a subtask spec is a JSON object")
+        result = run_spec(spec)
+    except (OSError, ValueError) as exc:
+        result = {"ok": False, "error": {"code": "invalid_input", "message": str(exc)}}
+    except RayflowError as exc:
+        result = {"ok": False, "error": _error(exc)}
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0 if result["ok"] else 1
