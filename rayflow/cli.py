@@ -24,6 +24,8 @@ hub_app = typer.Typer(no_args_is_help=True, help="Run a ReasoningBank hub.")
 app.add_typer(hub_app, name="hub")
 token_app = typer.Typer(no_args_is_help=True, help="Issue and revoke hub tokens (on the hub's host).")
 app.add_typer(token_app, name="token")
+sandbox_app = typer.Typer(no_args_is_help=True, help="Sandbox images and housekeeping.")
+app.add_typer(sandbox_app, name="sandbox")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -313,6 +315,19 @@ def audit(
         latency = "-" if r.latency_ms is None else f"{r.latency_ms:.2f}"
         table.add_row(_when(r.at), r.actor, r.tenant, r.op, r.namespace, r.outcome, latency)
     console.print(table)
+
+
+@sandbox_app.command("build-image")
+def sandbox_build_image(
+    tag: str = typer.Option("rayflow-sandbox:latest", help="Image tag to build."),
+    method: str = typer.Option("debootstrap", help="debootstrap (offline) or dockerfile (needs a registry)."),
+    with_hub_client: bool = typer.Option(False, help="Also ship the hub client's packages (+77 MB)."),
+    force: bool = typer.Option(False, help="Rebuild even when the image is current."),
+) -> None:
+    """Build the sandbox image without a registry (cached by content hash)."""
+    from rayflow.sandbox.image import build_image_command
+
+    build_image_command(tag, method, with_hub_client, force)
 
 
 @app.command("demo")

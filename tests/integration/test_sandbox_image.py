@@ -106,3 +106,15 @@ def test_status_reports_the_built_image_as_current(docker_client: Any, sandbox_i
 
     assert status.present and status.current
     assert status.id == sandbox_image.id
+
+
+def test_cli_build_image_reports_the_cached_image(docker_client: Any, sandbox_image: ImageInfo) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayflow", "sandbox", "build-image", "--tag", sandbox_image.tag],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sandbox_image.tag in proc.stdout
