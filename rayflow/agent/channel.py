@@ -25,19 +25,20 @@ The decoder stays failed after such an error, and both ends treat it as the end 
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from rayflow.errors import InvalidInputError, PayloadTooLargeError, RayflowError, error_from_code
+from rayflow.errors import (
+    InvalidInputError,
+    RayflowError,
+    error_from_code,
+)
+from rayflow.framing import FrameSplitter, frame
 
 #: Bumped when a message shape changes incompatibly; answered by ``ping``.
 PROTOCOL_VERSION = 1
-HEADER_BYTES = 4
-#: Largest body a 4-byte header can declare.
-MAX_DECLARABLE_BYTES = (1 << 32) - 1
 #: Default largest frame: room for a file or tar archive of 64 MiB plus the envelope.
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024 + 64 * 1024
 #: Id of an error event answering a request whose own id could not be read.
@@ -51,8 +52,6 @@ EVENT_KINDS = frozenset({"stdout", "stderr", "exit", "result", "error"})
 #: repeated here because the runtime does not import the host's sandbox package).
 KILL_REASONS = frozenset({"timeout", "oom", "pids", "output-limit", "sandbox-destroyed"})
 
-_HEADER = struct.Struct(">I")
-
 
 # --- framing ----------------------------------------------------------------------------------
 def encode_frame(message: dict[str, Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
@@ -61,12 +60,7 @@ def encode_frame(message: dict[str, Any], *, max_frame_bytes: int = DEFAULT_MAX_
         packed = msgpack.packb(message, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidInputError(f"message cannot be encoded: {exc}") from None
-    limit = min(max_frame_bytes, MAX_DECLARABLE_BYTES)
-    if len(packed) > limit:
-        raise PayloadTooLargeError(
-            f"frame of {len(packed)} bytes exceeds the limit of {limit}", size=len(packed), limit=limit
-        )
-    return _HEADER.pack(len(packed)) + packed
+    return frame(packed, max_frame_bytes)
 
 
 def _refuse_extension(code: int, data: bytes) -> Any:
@@ -94,11 +88,8 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        if not 0 < max_frame_bytes <= MAX_DECLARABLE_BYTES:
-            raise ValueError(f"max_frame_bytes must be in 1..{MAX_DECLARABLE_BYTES}, got {max_frame_bytes}")
+        self._splitter = FrameSplitter(max_frame_bytes)
         self.max_frame_bytes = max_frame_bytes
-        self._buffer = bytearray()
-        self._declared: int | None = None
         self._failure: InvalidInputError | None = None
 
     @property
@@ -108,34 +99,14 @@ class FrameDecoder:
     @property
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is buffered."""
-        return not self._buffer and self._declared is None
+        return self._splitter.at_frame_boundary
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add ``data``; return the messages it completes."""
         if self._failure is not None:
             raise self._failure
-        self._buffer += data
-        messages: list[dict[str, Any]] = []
         try:
-            while True:
-                if self._declared is None:
-                    if len(self._buffer) < HEADER_BYTES:
-                        return messages
-                    (declared,) = _HEADER.unpack_from(self._buffer)
-                    if declared > self.max_frame_bytes:
-                        raise PayloadTooLargeError(
-                            f"frame of {declared} bytes exceeds the limit of {self.max_frame_bytes}",
-                            size=declared,
-                            limit=self.max_frame_bytes,
-                        )
-                    self._declared = declared
-                    del self._buffer[:HEADER_BYTES]
-                if len(self._buffer) < self._declared:
-                    return messages
-                body = bytes(self._buffer[: self._declared])
-                del self._buffer[: self._declared]
-                self._declared = None
-                messages.append(unpack_message(body))
+            return [unpack_message(body) for body in self._splitter.feed(data)]
         except InvalidInputError as exc:
             self._fail(exc)
             raise
@@ -144,20 +115,15 @@ class FrameDecoder:
         """The stream ended: a partly received frame is a truncation error."""
         if self._failure is not None:
             raise self._failure
-        if not self.at_frame_boundary:
-            self._fail(
-                InvalidInputError(
-                    "stream ended inside a frame (truncated)",
-                    declared=self._declared,
-                    received=len(self._buffer),
-                )
-            )
-            raise self._failure  # type: ignore[misc]
+        try:
+            self._splitter.end()
+        except InvalidInputError as exc:
+            self._fail(exc)
+            raise
 
     def _fail(self, error: InvalidInputError) -> None:
         self._failure = error
-        self._buffer.clear()
-        self._declared = None
+        self._splitter.clear()
 
 
 # --- field checks -----------------------------------------------------------------------------

@@ -13,23 +13,24 @@ carries id 0.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from rayflow.errors import InvalidInputError, PayloadTooLargeError, RayflowError, error_from_code
+from rayflow.errors import (
+    InvalidInputError,
+    PayloadTooLargeError,
+    RayflowError,
+    error_from_code,
+)
+from rayflow.framing import MAX_DECLARABLE_BYTES, FrameSplitter, frame
 
 PROTOCOL_VERSION = 1
-HEADER_BYTES = 4
-#: Largest frame body the 4-byte header can declare.
-MAX_DECLARABLE_BYTES = (1 << 32) - 1
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 #: Id of a response to a request whose own id could not be read.
 UNKNOWN_REQUEST_ID = 0
 
-_HEADER = struct.Struct(">I")
 _REQUEST_KEYS = frozenset({"v", "op", "id", "token", "args", "deadline_ms"})
 _OK_RESPONSE_KEYS = frozenset({"v", "id", "ok", "result"})
 _ERROR_RESPONSE_KEYS = frozenset({"v", "id", "ok", "error"})
@@ -69,27 +70,24 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, max_frames: int | None = 1) -> None:
-        if not 0 < max_frame_bytes <= MAX_DECLARABLE_BYTES:
-            raise ValueError(f"max_frame_bytes must be in 1..{MAX_DECLARABLE_BYTES}, got {max_frame_bytes}")
+        self._splitter = FrameSplitter(max_frame_bytes)
         self.max_frame_bytes = max_frame_bytes
         self.max_frames = max_frames
         self.frames_decoded = 0
-        self._buffer = bytearray()
-        self._declared: int | None = None
 
     @property
     def declared_length(self) -> int | None:
         """Body length announced by the current frame's header, once the header is complete."""
-        return self._declared
+        return self._splitter.declared_length
 
     @property
     def buffered_bytes(self) -> int:
-        return len(self._buffer)
+        return self._splitter.buffered_bytes
 
     @property
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is buffered."""
-        return not self._buffer and self._declared is None
+        return self._splitter.at_frame_boundary
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data``; return the frame bodies it completes, in order."""
@@ -97,57 +95,25 @@ class FrameDecoder:
             return []
         if self.max_frames is not None and self.frames_decoded >= self.max_frames:
             raise InvalidInputError("unexpected data after the frame", extra_bytes=len(data))
-        self._buffer += data
-        bodies: list[bytes] = []
-        while True:
-            if self._declared is None:
-                if len(self._buffer) < HEADER_BYTES:
-                    return bodies
-                (declared,) = _HEADER.unpack_from(self._buffer)
-                if declared > self.max_frame_bytes:
-                    self._buffer.clear()
-                    raise PayloadTooLargeError(
-                        f"frame of {declared} bytes exceeds the limit of {self.max_frame_bytes}",
-                        size=declared,
-                        limit=self.max_frame_bytes,
-                    )
-                self._declared = declared
-                del self._buffer[:HEADER_BYTES]
-            if len(self._buffer) < self._declared:
-                return bodies
-            bodies.append(bytes(self._buffer[: self._declared]))
-            del self._buffer[: self._declared]
-            self._declared = None
-            self.frames_decoded += 1
-            if self.max_frames is not None and self.frames_decoded >= self.max_frames:
-                if self._buffer:
-                    extra = len(self._buffer)
-                    self._buffer.clear()
-                    raise InvalidInputError("unexpected data after the frame", extra_bytes=extra)
-                return bodies
+        remaining = None if self.max_frames is None else self.max_frames - self.frames_decoded
+        bodies = self._splitter.feed(data, remaining)
+        self.frames_decoded += len(bodies)
+        if self.max_frames is not None and self.frames_decoded >= self.max_frames and self._splitter.buffered_bytes:
+            extra = self._splitter.buffered_bytes
+            self._splitter.clear()
+            raise InvalidInputError("unexpected data after the frame", extra_bytes=extra)
+        return bodies
 
     def end(self) -> None:
         """The stream ended: a partially received frame is a truncation error."""
-        if not self.at_frame_boundary:
-            declared = self._declared
-            buffered = len(self._buffer)
-            self._buffer.clear()
-            self._declared = None
-            raise InvalidInputError(
-                "stream ended inside a frame (truncated)", declared=declared, received=buffered
-            )
+        self._splitter.end()
 
 
 # --- encoding ---------------------------------------------------------------------------------
 def encode_frame(body: dict[str, Any], *, max_frame_bytes: int | None = None) -> bytes:
     """Pack ``body`` and prefix its length; refuse a body above ``max_frame_bytes`` (or 4 GiB)."""
     packed = msgpack.packb(body, use_bin_type=True)
-    limit = MAX_DECLARABLE_BYTES if max_frame_bytes is None else min(max_frame_bytes, MAX_DECLARABLE_BYTES)
-    if len(packed) > limit:
-        raise PayloadTooLargeError(
-            f"frame of {len(packed)} bytes exceeds the limit of {limit}", size=len(packed), limit=limit
-        )
-    return _HEADER.pack(len(packed)) + packed
+    return frame(packed, MAX_DECLARABLE_BYTES if max_frame_bytes is None else max_frame_bytes)
 
 
 def encode_request(

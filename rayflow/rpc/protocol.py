@@ -36,9 +36,9 @@ from rayflow.errors import (
     RayflowError,
     TransportError,
 )
+from rayflow.framing import HEADER_BYTES
 from rayflow.rpc.frames import (
     DEFAULT_MAX_FRAME_BYTES,
-    HEADER_BYTES,
     UNKNOWN_REQUEST_ID,
     FrameDecoder,
     Request,

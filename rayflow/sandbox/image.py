@@ -8,7 +8,7 @@ imports it as an image; no base image is pulled. Where a registry is reachable,
 Why a hash label: building costs tens of seconds, so an image is rebuilt only when what it
 would ship changed. The hash covers the build recipe and parameters and the bytes of every
 shipped rayflow file; it is stored as the label ``rayflow.image-hash`` and compared before
-building. The image holds only ``rayflow/__init__.py``, ``rayflow/errors.py`` and
+building. The image holds only ``rayflow/__init__.py``, ``rayflow/errors.py``, ``rayflow/framing.py`` and
 ``rayflow/agent/`` of rayflow: the runtime must not drag the memory or hub code into sandboxes.
 
 The hub-client packages (aioquic and its dependencies, numpy) are optional. They are copied
@@ -131,7 +131,11 @@ def shipped_files(source_dir: Path) -> list[tuple[str, Path]]:
     agent_dir = source_dir / "agent"
     if not (agent_dir / "__init__.py").is_file():
         raise ConfigError(f"no in-sandbox runtime at {agent_dir} (rayflow/agent/__init__.py is missing)")
-    files = [("__init__.py", source_dir / "__init__.py"), ("errors.py", source_dir / "errors.py")]
+    files = [
+        ("__init__.py", source_dir / "__init__.py"),
+        ("errors.py", source_dir / "errors.py"),
+        ("framing.py", source_dir / "framing.py"),
+    ]
     for path in sorted(agent_dir.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
             files.append((path.relative_to(source_dir).as_posix(), path))

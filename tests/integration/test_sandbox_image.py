@@ -84,7 +84,7 @@ def test_image_ships_only_the_runtime_part_of_rayflow(
 
     output = _run(docker_client, sandbox_image, run_id, ["python3", "-c", script])
 
-    assert output.split() == ["__init__.py", "agent", "errors.py"]
+    assert output.split() == ["__init__.py", "agent", "errors.py", "framing.py"]
 
 
 def test_default_command_serves_the_runtime(docker_client: Any, sandbox_image: ImageInfo) -> None:
