@@ -1,0 +1,754 @@
+"""The ``docker`` backend: each sandbox is a locked-down container whose main process is the runtime.
+
+The container runs ``python3 -m rayflow.agent serve`` from the sandbox image with its stdin held
+open; the host talks to it over the engine's attach stream (one socket carrying stdin one way and
+stdout/stderr the other way), wrapped as a process for :class:`ChannelSandbox`. Why attach and
+not ``docker exec`` per call: an exec costs a round trip through the engine and containerd
+(about 0.12 s here), a frame over the attach socket costs well under a millisecond. Why the
+engine's socket and not a ``docker attach`` or ``docker run -i`` child process: one hop fewer
+for every frame and no CLI process per sandbox (see ``DockerBackend`` for the measurements).
+
+Locked down, and why each piece:
+
+* runs as uid/gid 10001, all capabilities dropped, ``no-new-privileges``, Docker's default
+  seccomp profile; ``docker-init`` as pid 1 reaps orphans a command leaves behind;
+* read-only root filesystem; ``/tmp`` and the workdir are tmpfs mounts of ``disk_bytes`` owned
+  by the sandbox user, so a full disk is the sandbox's own problem;
+* CPU (``nano_cpus``), memory with swap equal to it (no spilling to disk), and process count
+  limits come from the engine's cgroup; the host reads the same cgroup to tell an OOM kill or a
+  refused fork from an ordinary failure;
+* no logging driver: the channel's frames would otherwise be copied to a log file on the host;
+* network ``none`` has loopback only; ``hub-only``/``allow-list`` get a bridge of their own with
+  packet filter rules (:mod:`rayflow.sandbox.docker_network`);
+* wall time is a timer on the host that destroys the sandbox; ``stdin_once`` makes the runtime
+  see end of input, and stop, if the host process dies without destroying it.
+
+Everything created carries the labels ``rayflow.owner`` and ``rayflow.sandbox`` (and the rules
+a comment with the sandbox id), so ``owned`` and ``reap`` find leftovers from any process.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rayflow.errors import ConfigError, InvalidInputError, RayflowError, TransportError
+from rayflow.sandbox import docker_network
+from rayflow.sandbox.backend import OutputCallback
+from rayflow.sandbox.cgroups import Cgroup, find_hierarchies
+from rayflow.sandbox.channel import ChannelSandbox
+from rayflow.sandbox.spec import (
+    OWNER_LABEL,
+    ExecResult,
+    KillReason,
+    NetworkMode,
+    SandboxSpec,
+    SandboxStats,
+)
+
+log = logging.getLogger("rayflow.sandbox.docker")
+
+#: Label holding the sandbox id on its container and network.
+SANDBOX_LABEL = "rayflow.sandbox"
+#: Label naming the backend, so other rayflow containers are never touched.
+BACKEND_LABEL = "rayflow.backend"
+BACKEND_NAME = "docker"
+#: The sandbox user of the image (see :mod:`rayflow.sandbox.image`).
+SANDBOX_UID = 10001
+RUNTIME_COMMAND = ("python3", "-m", "rayflow.agent", "serve")
+HOSTNAME = "sandbox"
+#: How long the first ping may take (a cold container start on a loaded machine).
+START_TIMEOUT_S = 60.0
+#: Engine API timeout for one call.
+API_TIMEOUT_S = 60.0
+#: Bytes of the runtime's stderr kept for error messages.
+STDERR_TAIL_BYTES = 16 * 1024
+#: Attempts to remove a network whose endpoint the engine has not released yet.
+NETWORK_REMOVE_ATTEMPTS = 20
+NETWORK_REMOVE_PAUSE_S = 0.05
+
+
+# --- the attach stream (sans-IO) ------------------------------------------------------------------
+class StreamDemuxer:
+    """Splits the engine's multiplexed attach stream into (stream, bytes) pieces.
+
+    Without a TTY the engine prefixes each frame with 8 bytes: the stream (0 stdin, 1 stdout,
+    2 stderr), three zero bytes, and the payload length as a big-endian 32-bit number. Pieces are
+    handed out as soon as they arrive, without waiting for the whole frame, so nothing is
+    buffered beyond one header.
+    """
+
+    HEADER = struct.Struct(">BxxxI")
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._stream = 0
+        self._remaining = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Take ``data`` from the socket; return the payload pieces it completes, in order."""
+        out: list[tuple[int, bytes]] = []
+        view = memoryview(data)
+        while view:
+            if self._remaining:
+                piece = view[: self._remaining]
+                self._remaining -= len(piece)
+                out.append((self._stream, bytes(piece)))
+                view = view[len(piece) :]
+                continue
+            need = self.HEADER.size - len(self._header)
+            self._header += view[:need]
+            view = view[need:]
+            if len(self._header) < self.HEADER.size:
+                break
+            stream, length = self.HEADER.unpack(self._header)
+            self._header.clear()
+            if stream not in (0, 1, 2):
+                raise InvalidInputError(f"attach stream frame for unknown stream {stream}")
+            self._stream, self._remaining = stream, length
+        return out
+
+    @property
+    def mid_frame(self) -> bool:
+        """True when the stream stopped inside a frame (a truncated stream)."""
+        return bool(self._header) or self._remaining > 0
+
+
+# --- the attach stream as a process -----------------------------------------------------------------
+class _SocketWriter:
+    """The runtime's stdin: writes go straight to the attach socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        if self.closed:
+            raise ValueError("write to a closed sandbox stdin")
+        self._sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Writes are unbuffered; nothing to do."""
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+
+
+class _SocketReader:
+    """The runtime's stdout: socket bytes demultiplexed, stderr kept as a short tail."""
+
+    def __init__(self, sock: socket.socket, on_eof: Callable[[], None]) -> None:
+        self._sock = sock
+        self._on_eof = on_eof
+        self._demuxer = StreamDemuxer()
+        self._pending: collections.deque[bytes] = collections.deque()
+        self.stderr_tail = bytearray()
+        self.closed = False
+
+    def read1(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes of stdout; ``b""`` at the end of the stream."""
+        while not self._pending:
+            try:
+                data = self._sock.recv(1 << 16)
+            except OSError:
+                if self.closed:
+                    return b""
+                raise
+            if not data:
+                self._on_eof()
+                return b""
+            for stream, piece in self._demuxer.feed(data):
+                if stream == 1:
+                    self._pending.append(piece)
+                else:
+                    self.stderr_tail += piece
+                    del self.stderr_tail[:-STDERR_TAIL_BYTES]
+        piece = self._pending.popleft()
+        if 0 < size < len(piece):
+            self._pending.appendleft(piece[size:])
+            piece = piece[:size]
+        return piece
+
+    read = read1
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self._sock.close()
+
+
+class AttachedContainer:
+    """A running container seen as a process: stdin/stdout over the attach socket.
+
+    ``poll`` answers from the stream without asking the engine while the stream is open (the
+    runtime is the container's main process, so an open stream means it runs); after the end of
+    the stream it asks the engine once for the exit code.
+    """
+
+    def __init__(self, api: Any, container_id: str, sock: socket.socket) -> None:
+        self._api = api
+        self._id = container_id
+        self._eof = threading.Event()
+        self._returncode: int | None = None
+        self.stdin = _SocketWriter(sock)
+        self.stdout = _SocketReader(sock, self._eof.set)
+
+    @property
+    def stderr_tail(self) -> bytes:
+        return bytes(self.stdout.stderr_tail)
+
+    def poll(self) -> int | None:
+        import docker
+
+        if self._returncode is not None or not self._eof.is_set():
+            return self._returncode
+        try:
+            state = self._api.inspect_container(self._id)["State"]
+        except docker.errors.NotFound:
+            self._returncode = -9  # removed already: it certainly exited
+            return self._returncode
+        except (docker.errors.DockerException, OSError):
+            return None
+        if not state.get("Running"):
+            self._returncode = int(state.get("ExitCode", -9))
+        return self._returncode
+
+    def kill(self) -> None:
+        import docker
+
+        with contextlib.suppress(docker.errors.DockerException, OSError):
+            self._api.kill(self._id)
+
+    def wait(self, timeout: float | None = None) -> int:
+        import docker
+
+        try:
+            answer = self._api.wait(self._id, timeout=timeout)
+        except (docker.errors.DockerException, OSError) as exc:
+            code = self.poll()
+            if code is not None:
+                return code
+            raise subprocess.TimeoutExpired(f"container {self._id}", timeout or 0.0) from exc
+        self._returncode = int(answer.get("StatusCode", -9))
+        return self._returncode
+
+
+def raw_socket(attached: Any) -> socket.socket:
+    """The plain socket under what ``attach_socket`` returned (a ``SocketIO`` on a Unix socket)."""
+    sock = getattr(attached, "_sock", attached)
+    if not isinstance(sock, socket.socket):
+        raise ConfigError("the docker backend needs the engine on a local socket (unix:// or tcp://)")
+    return sock
+
+
+# --- what the engine is asked for (pure) ------------------------------------------------------------
+def tmpfs_options(disk_bytes: int | None) -> str:
+    """Mount options of the sandbox's tmpfs mounts: its size, owned by the sandbox user, private.
+
+    ``exec`` because the engine's default is ``noexec``, and a coding agent builds and runs
+    programs in its workspace; ``nosuid`` and ``nodev`` stay.
+    """
+    options = [f"uid={SANDBOX_UID}", f"gid={SANDBOX_UID}", "mode=0700", "exec"]
+    if disk_bytes is not None:
+        options.insert(0, f"size={disk_bytes}")
+    return ",".join(options)
+
+
+def sandbox_labels(spec: SandboxSpec, sandbox_id: str) -> dict[str, str]:
+    return {**spec.labels, OWNER_LABEL: spec.owner, SANDBOX_LABEL: sandbox_id, BACKEND_LABEL: BACKEND_NAME}
+
+
+def container_environment(spec: SandboxSpec, hub: tuple[str, int] | None) -> dict[str, str]:
+    """The runtime's environment: a fixed base, the hub's address as the sandbox reaches it, the spec's."""
+    env = {"HOME": spec.workdir, "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    if hub is not None:
+        env["RAYFLOW_HUB_HOST"], env["RAYFLOW_HUB_PORT"] = hub[0], str(hub[1])
+    env.update(spec.env)
+    return env
+
+
+#: ``container_options`` keys that belong in the engine's host configuration.
+HOST_CONFIG_KEYS = frozenset(
+    {
+        "nano_cpus",
+        "mem_limit",
+        "memswap_limit",
+        "pids_limit",
+        "network_mode",
+        "read_only",
+        "tmpfs",
+        "init",
+        "cap_drop",
+        "security_opt",
+        "log_config",
+        "sysctls",
+        "mounts",
+    }
+)
+
+
+def container_options(
+    spec: SandboxSpec, sandbox_id: str, network: str | None, hub: tuple[str, int] | None = None
+) -> dict[str, Any]:
+    """Everything the engine is told about the container of ``spec`` (``network`` ``None``: none).
+
+    Keys in :data:`HOST_CONFIG_KEYS` go into the host configuration, the others are arguments of
+    the container's creation; :func:`split_options` separates them.
+    """
+    limits = spec.limits
+    tmpfs = {"/tmp": tmpfs_options(limits.disk_bytes)}
+    tmpfs[spec.workdir] = tmpfs_options(limits.disk_bytes)
+    options: dict[str, Any] = {
+        "image": spec.image,
+        "command": list(RUNTIME_COMMAND),
+        "name": f"rayflow-{sandbox_id}",
+        "hostname": HOSTNAME,
+        "labels": sandbox_labels(spec, sandbox_id),
+        "stdin_open": True,
+        # Not detached: the engine then closes the runtime's stdin when the host's attach
+        # stream ends (``StdinOnce``), so a sandbox whose host died stops by itself.
+        "detach": False,
+        "tty": False,
+        "user": f"{SANDBOX_UID}:{SANDBOX_UID}",
+        "working_dir": spec.workdir,
+        "environment": container_environment(spec, hub),
+        "network_mode": network or "none",
+        "read_only": True,
+        "tmpfs": tmpfs,
+        "init": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "log_config": {"Type": "none", "Config": {}},
+    }
+    if limits.cpus is not None:
+        options["nano_cpus"] = int(limits.cpus * 1e9)
+    if limits.memory_bytes is not None:
+        options["mem_limit"] = limits.memory_bytes
+        options["memswap_limit"] = limits.memory_bytes
+    if limits.pids is not None:
+        options["pids_limit"] = limits.pids
+    if network is not None:
+        options["sysctls"] = {"net.ipv6.conf.all.disable_ipv6": "1"}
+    if spec.mounts:
+        mounts = []
+        for mount in spec.mounts:
+            if not mount.target.startswith("/"):
+                raise ConfigError(f"mount target must be absolute, not {mount.target!r}")
+            mounts.append(
+                {"Type": "bind", "Source": mount.source, "Target": mount.target, "ReadOnly": mount.read_only}
+            )
+        options["mounts"] = mounts
+    return options
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(creation arguments, host configuration arguments) of :func:`container_options`' result."""
+    create = {k: v for k, v in options.items() if k not in HOST_CONFIG_KEYS}
+    host = {k: v for k, v in options.items() if k in HOST_CONFIG_KEYS}
+    return create, host
+
+
+def refine_kill(result: ExecResult, new_ooms: int, new_refusals: int) -> ExecResult:
+    """Correct the runtime's reason for a command's death with what the cgroup counted.
+
+    The runtime calls any SIGKILL it did not send an OOM kill; the cgroup knows better: no new
+    OOM kill means something else sent it. A failing command during which the pids limit refused
+    a fork is reported as stopped by that limit.
+    """
+    killed = result.killed
+    if killed is KillReason.OOM and new_ooms == 0:
+        killed = None
+    if killed is None and result.exit_code != 0:
+        if new_ooms:
+            killed = KillReason.OOM
+        elif new_refusals:
+            killed = KillReason.PIDS
+    if killed is result.killed:
+        return result
+    return dataclasses.replace(result, killed=killed)
+
+
+# --- the sandbox ----------------------------------------------------------------------------------------
+class DockerSandbox:
+    """A :class:`Sandbox` in a container; the channel does the talking, the cgroup the judging."""
+
+    def __init__(self, channel: ChannelSandbox, resources: _Resources) -> None:
+        self._channel = channel
+        self._resources = resources
+
+    @property
+    def id(self) -> str:
+        return self._channel.id
+
+    @property
+    def spec(self) -> SandboxSpec:
+        return self._channel.spec
+
+    @property
+    def container_id(self) -> str:
+        return self._resources.container_id
+
+    @property
+    def network_gateway(self) -> str | None:
+        """The host's address on the sandbox's bridge (``None`` for network mode ``none``)."""
+        return self._resources.gateway
+
+    @property
+    def alive(self) -> bool:
+        return self._channel.alive
+
+    def exec(
+        self,
+        command: Sequence[str] | str,
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        cgroup = self._resources.cgroup
+        ooms = cgroup.oom_kills() if cgroup else 0
+        refusals = cgroup.pids_refusals() if cgroup else 0
+        result = self._channel.exec(
+            command,
+            stdin=stdin,
+            env=env,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+        if cgroup is None or result.killed not in (None, KillReason.OOM):
+            return result
+        return refine_kill(result, cgroup.oom_kills() - ooms, cgroup.pids_refusals() - refusals)
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self._channel.write_file(path, data, mode)
+
+    def read_file(self, path: str) -> bytes:
+        return self._channel.read_file(path)
+
+    def upload(self, local_dir: Path, remote_dir: str) -> None:
+        self._channel.upload(local_dir, remote_dir)
+
+    def download(self, remote_dir: str, local_dir: Path) -> None:
+        self._channel.download(remote_dir, local_dir)
+
+    def stats(self) -> SandboxStats:
+        """The runtime's view (disk use of the tmpfs mounts) with CPU, memory and pids from the cgroup."""
+        base = self._channel.stats()
+        cgroup = self._resources.cgroup
+        if cgroup is None:
+            return base
+        return SandboxStats(
+            cpu_seconds=cgroup.cpu_seconds(),
+            memory_bytes=cgroup.memory_bytes(),
+            memory_peak_bytes=cgroup.memory_peak_bytes(),
+            pids=cgroup.pid_count(),
+            disk_bytes=base.disk_bytes,
+        )
+
+    def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
+        return self._channel.ping(timeout_s)
+
+    def destroy(self) -> None:
+        self._channel.destroy()
+
+    def __enter__(self) -> DockerSandbox:  # noqa: PYI034 - not meant to be subclassed
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"DockerSandbox(id={self.id!r}, container={self.container_id[:12]!r})"
+
+
+@dataclass
+class _Resources:
+    """What one sandbox holds in the engine and the kernel; released once, in reverse order."""
+
+    client: Any
+    sandbox_id: str
+    container_id: str = ""
+    network_id: str | None = None
+    gateway: str | None = None
+    cgroup: Cgroup | None = None
+    sock: socket.socket | None = None
+    timer: threading.Timer | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: bool = False
+
+    def release(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+        if self.timer is not None and self.timer is not threading.current_thread():
+            self.timer.cancel()
+        if self.container_id:
+            remove_container(self.client, self.container_id)
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        release_network(self.client, self.sandbox_id, self.network_id)
+
+
+def remove_container(client: Any, container_id: str) -> None:
+    """Kill and remove a container at once (no stop grace period); a missing one is fine."""
+    import docker
+
+    try:
+        client.api.remove_container(container_id, force=True, v=True)
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: a removal is already in progress
+            raise
+
+
+def release_network(client: Any, sandbox_id: str, network_id: str | None) -> None:
+    """Delete the sandbox's packet filter rules and its bridge network."""
+    import docker
+
+    if network_id is None:
+        return
+    docker_network.remove([sandbox_id])
+    for attempt in range(NETWORK_REMOVE_ATTEMPTS):
+        try:
+            client.api.remove_network(network_id)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            # The engine releases the container's endpoint asynchronously after its removal.
+            if attempt == NETWORK_REMOVE_ATTEMPTS - 1:
+                raise
+            time.sleep(NETWORK_REMOVE_PAUSE_S)
+
+
+def container_cgroup(pid: int) -> Cgroup | None:
+    """The engine's cgroup of the container whose main process is ``pid``, for reading only."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+        with open(f"/proc/{pid}/cgroup") as f:
+            proc_cgroup = f.read()
+    except OSError:
+        return None
+    dirs: dict[str, str] = {}
+    hierarchies = [h for h in find_hierarchies(mountinfo, proc_cgroup) if os.path.isdir(h.own_dir)]
+    for h in hierarchies:
+        for controller in h.controllers or ("",):
+            dirs[controller] = h.own_dir
+    if not hierarchies or (hierarchies[0].version == 1 and "memory" not in dirs):
+        # Without the group's counters an OOM kill could not be told from another SIGKILL.
+        return None
+    return Cgroup(dirs, hierarchies[0].version, ())
+
+
+# --- the backend ------------------------------------------------------------------------------------
+class DockerBackend:
+    """Makes container sandboxes through the local Docker engine; see the module docstring.
+
+    Why the attach socket, measured on a two-core machine with a 20.10 engine (medians): a
+    channel ping takes 0.13 ms over the socket against 0.22 ms through a ``docker run -i`` or
+    ``docker start -ai`` child process, and 32 MB of command output arrives in 0.08 s against
+    0.14-0.17 s, since the child copies every frame once more; start-up is the same (~0.2 s)
+    and the socket saves one CLI process per live sandbox. An exec of ``true`` costs about
+    1.3 ms either way (the runtime's fork and exec dominate).
+    """
+
+    name = "docker"
+    isolated = True
+
+    def __init__(self, client: Any | None = None, *, build_image: bool = True) -> None:
+        import docker
+
+        self._own_client = client is None
+        self.client = client or docker.from_env(timeout=int(API_TIMEOUT_S))
+        self.build_image = build_image
+        self._images_ready: set[str] = set()
+        self._image_lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._own_client:
+            self.client.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "engine": self.client.version().get("Version"),
+            "network_modes": [m.value for m in NetworkMode],
+        }
+
+    # --- create ---------------------------------------------------------------------------------
+    def ensure_image(self, image: str) -> None:
+        """Make sure ``image`` exists: the default sandbox image is built (cached by hash) if needed."""
+        import docker
+        from rayflow.sandbox.image import DEFAULT_TAG, build_sandbox_image
+
+        with self._image_lock:
+            if image in self._images_ready:
+                return
+            if image == DEFAULT_TAG and self.build_image:
+                build_sandbox_image(image, client=self.client)
+            else:
+                try:
+                    self.client.images.get(image)
+                except docker.errors.ImageNotFound as exc:
+                    raise ConfigError(f"sandbox image {image!r} is not present and is not pulled") from exc
+            self._images_ready.add(image)
+
+    def create(self, spec: SandboxSpec) -> DockerSandbox:
+        """Start a container for ``spec`` and return the sandbox once its runtime answers a ping."""
+        import docker
+
+        self.ensure_image(spec.image)
+        sandbox_id = f"dk-{secrets.token_hex(5)}"
+        resources = _Resources(self.client, sandbox_id)
+        try:
+            return self._start(spec, sandbox_id, resources)
+        except BaseException as exc:
+            resources.release()
+            if isinstance(exc, docker.errors.ImageNotFound):
+                with self._image_lock:
+                    self._images_ready.discard(spec.image)
+                raise ConfigError(f"sandbox image {spec.image!r} is gone from the engine") from exc
+            if isinstance(exc, docker.errors.DockerException):
+                raise RayflowError(
+                    f"the docker engine refused the sandbox: {exc}", sandbox=sandbox_id
+                ) from exc
+            if isinstance(exc, OSError):
+                raise TransportError(f"the docker engine is unreachable: {exc}", sandbox=sandbox_id) from exc
+            raise
+
+    def _start(self, spec: SandboxSpec, sandbox_id: str, resources: _Resources) -> DockerSandbox:
+        network, hub = self._network(spec, sandbox_id, resources)
+        # The low-level call: the high-level one asks the engine about the image first and
+        # inspects the new container again, two requests the sandbox does not need.
+        create, host = split_options(container_options(spec, sandbox_id, network, hub))
+        container = self.client.api.create_container(
+            **create, host_config=self.client.api.create_host_config(**host)
+        )
+        resources.container_id = container["Id"]
+        attached = self.client.api.attach_socket(
+            resources.container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+        )
+        sock = raw_socket(attached)
+        resources.sock = sock
+        self.client.api.start(resources.container_id)
+        process = AttachedContainer(self.client.api, resources.container_id, sock)
+        labelled = dataclasses.replace(spec, labels=sandbox_labels(spec, sandbox_id))
+        channel = ChannelSandbox(sandbox_id, labelled, process, resources.release)
+        try:
+            channel.ping(timeout_s=START_TIMEOUT_S)
+        except RayflowError as exc:
+            tail = process.stderr_tail.decode(errors="replace").strip()
+            channel.destroy()
+            raise TransportError(
+                f"sandbox runtime did not start: {exc.message}; stderr: {tail[-2000:]}"
+            ) from exc
+        pid = self.client.api.inspect_container(resources.container_id)["State"].get("Pid") or 0
+        resources.cgroup = container_cgroup(pid) if pid else None
+        sandbox = DockerSandbox(channel, resources)
+        if spec.limits.wall_time_s is not None:
+            resources.timer = threading.Timer(spec.limits.wall_time_s, sandbox.destroy)
+            resources.timer.daemon = True
+            resources.timer.start()
+        return sandbox
+
+    def _network(
+        self, spec: SandboxSpec, sandbox_id: str, resources: _Resources
+    ) -> tuple[str | None, tuple[str, int] | None]:
+        """Create the sandbox's bridge and rules; returns its name and the hub as the sandbox sees it."""
+        policy = spec.network
+        if policy.mode is NetworkMode.NONE:
+            return None, None
+        targets = docker_network.resolve(policy)
+        name = f"rayflow-{sandbox_id}"
+        bridge = f"rf{sandbox_id.replace('-', '')}"
+        network = self.client.api.create_network(
+            name,
+            driver="bridge",
+            internal=docker_network.internal(targets),
+            labels=sandbox_labels(spec, sandbox_id),
+            options={
+                "com.docker.network.bridge.name": bridge,
+                "com.docker.network.bridge.enable_icc": "false",
+            },
+        )
+        resources.network_id = network["Id"]
+        config = self.client.api.inspect_network(resources.network_id)["IPAM"]["Config"]
+        gateway = next((c.get("Gateway") for c in config if c.get("Gateway")), None)
+        if not gateway:
+            raise RayflowError(f"the engine gave network {name} no gateway address")
+        resources.gateway = gateway.split("/")[0]
+        docker_network.apply(docker_network.rules(sandbox_id, bridge, resources.gateway, targets))
+        if any(t.loopback for t in targets):
+            docker_network.allow_loopback_routing(bridge)
+        hub = None
+        if policy.mode is NetworkMode.HUB_ONLY:
+            hub = (docker_network.sandbox_address(targets[0], resources.gateway), targets[0].port)
+        return name, hub
+
+    # --- leftovers ------------------------------------------------------------------------------
+    def _containers(self) -> list[dict[str, Any]]:
+        return self.client.api.containers(
+            all=True, filters={"label": [f"{BACKEND_LABEL}={BACKEND_NAME}", SANDBOX_LABEL]}
+        )
+
+    def _networks(self) -> list[dict[str, Any]]:
+        return self.client.api.networks(filters={"label": [f"{BACKEND_LABEL}={BACKEND_NAME}", SANDBOX_LABEL]})
+
+    def owned(self) -> list[tuple[str, str]]:
+        """(sandbox id, owner) of every docker sandbox container on this engine, running or not."""
+        return [(c["Labels"][SANDBOX_LABEL], c["Labels"].get(OWNER_LABEL, "")) for c in self._containers()]
+
+    def reap(self, owner_alive: Callable[[str], bool]) -> list[str]:
+        """Remove sandboxes whose owner is gone, and networks and rules no container holds any more."""
+        reaped: list[str] = []
+        live: set[str] = set()
+        for c in self._containers():
+            sandbox_id = c["Labels"][SANDBOX_LABEL]
+            if owner_alive(c["Labels"].get(OWNER_LABEL, "")):
+                live.add(sandbox_id)
+                continue
+            remove_container(self.client, c["Id"])
+            reaped.append(sandbox_id)
+        networks = {}
+        for n in self._networks():
+            sandbox_id = n["Labels"][SANDBOX_LABEL]
+            if sandbox_id in live:
+                continue
+            if sandbox_id not in reaped and owner_alive(n["Labels"].get(OWNER_LABEL, "")):
+                # A live owner may be between creating the network and the container.
+                live.add(sandbox_id)
+                continue
+            networks[sandbox_id] = n["Id"]
+        for sandbox_id, network_id in networks.items():
+            release_network(self.client, sandbox_id, network_id)
+        docker_network.remove(docker_network.listed_ids() - live)
+        return reaped

@@ -1,0 +1,314 @@
+"""Hostile commands in sandboxes of the ``docker`` and ``local`` backends: each is contained and reported.
+
+Each test plays one abuse (escaping the filesystem, reading host secrets, reaching other sandboxes
+or host ports, exhausting processes, memory, CPU, disk, wall time or output) and checks two
+things: the host and other sandboxes are untouched, and the exec result says what happened.
+Network probes go only to 127.0.0.1, to servers on a bridge gateway a sandbox of this module owns,
+or to a sandbox of this module.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rayflow.errors import ConfigError, TransportError
+from rayflow.sandbox.spec import MIB, KillReason, Limits, Mount, NetworkPolicy, SandboxSpec
+
+pytestmark = [pytest.mark.integration]
+
+OWNER = f"test-abuse-{secrets.token_hex(4)}"
+LIMITS = Limits(cpus=1.0, memory_bytes=96 * MIB, pids=48, disk_bytes=8 * MIB, wall_time_s=120.0)
+
+#: A detached child listening on 127.0.0.1:argv[1] for 30 s, answering "here".
+LISTENER = """
+import os, socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+if os.fork() == 0:
+    os.setsid()
+    os.closerange(0, 3)
+    s.settimeout(0.5)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            c, _ = s.accept()
+        except OSError:
+            continue
+        c.sendall(b"here")
+        c.close()
+    os._exit(0)
+print("listening")
+"""
+#: Connects to argv[1]:argv[2]; prints the answer or the error's name.
+CONNECT = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0) as s:
+        print(s.recv(16).decode())
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+#: Forks sleeping children until the kernel refuses; prints how many it got, exits 3.
+FORK_BOMB = """
+import os, signal, sys, time
+children = []
+try:
+    for _ in range(100_000):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        children.append(pid)
+except OSError as exc:
+    print(len(children), type(exc).__name__)
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+for pid in children:
+    os.waitpid(pid, 0)
+sys.exit(3)
+"""
+#: Allocates and touches 16 MiB blocks forever.
+MEMORY_BOMB = """
+blocks = []
+while True:
+    blocks.append(bytearray(16 * 1024 * 1024))
+"""
+#: Spins for 2 s of wall time; prints the CPU seconds it got per wall second.
+CPU_HOG = """
+import os, time
+start, cpu = time.monotonic(), os.times()
+while time.monotonic() - start < 2.0:
+    pass
+now = os.times()
+print((now.user + now.system - cpu.user - cpu.system) / (time.monotonic() - start))
+"""
+
+
+def _docker_backend(request: pytest.FixtureRequest) -> Any:
+    from rayflow.sandbox.docker import DockerBackend
+
+    client = request.getfixturevalue("docker_client")
+    backend = DockerBackend(client)
+    backend.ensure_image(SandboxSpec(owner=OWNER).image)
+    return backend
+
+
+def _local_backend(request: pytest.FixtureRequest) -> Any:
+    if shutil.which("bwrap") is None or os.geteuid() != 0:
+        pytest.skip("the local backend test needs bwrap and root")
+    from rayflow.sandbox.local import LocalBackend
+
+    return LocalBackend(registry_dir=request.getfixturevalue("tmp_path_factory").mktemp("registry"))
+
+
+@pytest.fixture(scope="module", params=[pytest.param("docker", marks=pytest.mark.docker), "local"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
+    make = _docker_backend if request.param == "docker" else _local_backend
+    backend = make(request)
+    yield backend
+    backend.reap(lambda owner: owner != OWNER)
+
+
+@pytest.fixture
+def sandbox_factory(backend: Any) -> Iterator[Callable[..., Any]]:
+    made: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        fields: dict[str, Any] = {"owner": OWNER, "limits": LIMITS, **overrides}
+        sandbox = backend.create(SandboxSpec(**fields))
+        made.append(sandbox)
+        return sandbox
+
+    yield make
+    for sandbox in made:
+        sandbox.destroy()
+
+
+def python(sandbox: Any, script: str, *args: str, timeout_s: float = 60.0) -> Any:
+    return sandbox.exec(["python3", "-c", script, *args], timeout_s=timeout_s)
+
+
+def _limit_applied(sandbox: Any, limit: str) -> bool:
+    """False only for a local sandbox whose cgroup did not accept ``limit``."""
+    applied = getattr(sandbox, "limits_applied", None)
+    return applied is None or str(applied.get(limit, "")).startswith("cgroup")
+
+
+# --- filesystem -----------------------------------------------------------------------------------
+def test_writes_outside_the_scratch_space_fail(sandbox_factory: Callable[..., Any], tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    (shared / "input.txt").write_text("given")
+    sandbox = sandbox_factory(mounts=(Mount(str(shared), "/data"),))
+    for target in ("/etc/rayflow-probe", "/usr/rayflow-probe", "/rayflow-probe", "/data/rayflow-probe"):
+        result = sandbox.exec(["sh", "-c", f"echo x > {target}"])
+        assert result.exit_code != 0, target
+    assert sandbox.read_file("/data/input.txt") == b"given"
+    assert sandbox.exec("echo ok > /workspace/f && cat /workspace/f").stdout == b"ok\n"
+    assert not (shared / "rayflow-probe").exists() and not Path("/usr/rayflow-probe").exists()
+
+
+def test_a_host_secret_outside_the_mounts_is_unreadable(
+    sandbox_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    secret = tmp_path / "secret.txt"
+    token = secrets.token_hex(16)
+    secret.write_text(token)
+    secret.chmod(0o644)
+    sandbox = sandbox_factory(mounts=(Mount(str(shared), "/data"),))
+    attempts = f"cat {secret}; cat /data/../secret.txt; cat /proc/1/root{secret}; grep -rs {token} /data /tmp"
+    result = sandbox.exec(["sh", "-c", attempts])
+    assert token.encode() not in result.stdout + result.stderr
+    with pytest.raises(Exception) as caught:
+        sandbox.read_file(str(secret))
+    assert token not in str(caught.value)
+
+
+# --- network --------------------------------------------------------------------------------------
+def test_another_sandbox_on_loopback_is_unreachable(sandbox_factory: Callable[..., Any]) -> None:
+    first, second = sandbox_factory(), sandbox_factory()
+    port = str(20000 + secrets.randbelow(20000))
+    assert python(first, LISTENER, port).stdout == b"listening\n"
+    assert python(first, CONNECT, "127.0.0.1", port).stdout == b"here\n"
+    assert python(second, CONNECT, "127.0.0.1", port).stdout == b"ConnectionRefusedError\n"
+
+
+def test_another_sandbox_on_its_bridge_is_unreachable(
+    backend: Any, sandbox_factory: Callable[..., Any], docker_client_if_docker: Any
+) -> None:
+    if backend.name != "docker":
+        with pytest.raises(ConfigError):
+            sandbox_factory(network=NetworkPolicy.hub_only("127.0.0.1", 9))
+        return
+    policy = NetworkPolicy.hub_only("127.0.0.1", 9)
+    first, second = sandbox_factory(network=policy), sandbox_factory(network=policy)
+    networks = docker_client_if_docker.api.inspect_container(first.container_id)["NetworkSettings"][
+        "Networks"
+    ]
+    first_ip = next(n["IPAddress"] for n in networks.values())
+    assert python(first, LISTENER.replace('"127.0.0.1"', '"0.0.0.0"'), "7001").stdout == b"listening\n"
+    assert python(first, CONNECT, first_ip, "7001").stdout == b"here\n"
+    assert python(second, CONNECT, first_ip, "7001").stdout == b"TimeoutError\n"
+
+
+def test_host_ports_other_than_the_hub_are_unreachable(
+    backend: Any, sandbox_factory: Callable[..., Any]
+) -> None:
+    hub, other = _Server(), _Server()
+    try:
+        policy = NetworkPolicy.hub_only("127.0.0.1", hub.port)
+        if backend.name != "docker":
+            with pytest.raises(ConfigError):
+                sandbox_factory(network=policy)
+            return
+        sandbox = sandbox_factory(network=policy)
+        gateway = sandbox.network_gateway
+        assert python(sandbox, CONNECT, gateway, str(hub.port)).stdout == b"hub\n"
+        assert python(sandbox, CONNECT, gateway, str(other.port)).stdout == b"TimeoutError\n"
+        # Even a port the host opens on the sandbox's own bridge address stays closed to it.
+        on_bridge = _Server(gateway)
+        try:
+            assert python(sandbox, CONNECT, gateway, str(on_bridge.port)).stdout == b"TimeoutError\n"
+        finally:
+            on_bridge.close()
+    finally:
+        hub.close()
+        other.close()
+
+
+# --- resources ------------------------------------------------------------------------------------
+def test_a_fork_bomb_hits_the_pids_limit_and_is_reported(sandbox_factory: Callable[..., Any]) -> None:
+    sandbox = sandbox_factory()
+    if not _limit_applied(sandbox, "pids"):
+        pytest.skip("no pids cgroup for this sandbox")
+    result = python(sandbox, FORK_BOMB)
+    forked = int(result.stdout.split()[0])
+    assert result.exit_code == 3 and result.killed is KillReason.PIDS
+    assert forked < LIMITS.pids  # type: ignore[operator]
+    assert sandbox.exec("echo alive").stdout == b"alive\n"
+
+
+def test_a_memory_bomb_is_killed_and_reported_as_oom(sandbox_factory: Callable[..., Any]) -> None:
+    sandbox = sandbox_factory()
+    result = python(sandbox, MEMORY_BOMB)
+    assert result.killed is KillReason.OOM and result.exit_code != 0
+    assert sandbox.exec("echo alive").stdout == b"alive\n"
+
+
+def test_a_cpu_hog_gets_about_its_cpu_share(sandbox_factory: Callable[..., Any]) -> None:
+    sandbox = sandbox_factory(limits=Limits(cpus=0.5, memory_bytes=96 * MIB, pids=48, wall_time_s=120.0))
+    if not _limit_applied(sandbox, "cpu"):
+        pytest.skip("no cpu cgroup for this sandbox")
+    ratio = float(python(sandbox, CPU_HOG).stdout)
+    print(f"cpu share under a 0.5 CPU limit: {ratio:.3f}")
+    # Generous: the point is the ceiling; a busy two-core machine may give it less.
+    assert 0.05 < ratio < 0.75
+
+
+def test_filling_the_disk_ends_in_enospc_and_the_sandbox_stays_usable(
+    sandbox_factory: Callable[..., Any],
+) -> None:
+    sandbox = sandbox_factory()
+    full = sandbox.exec("dd if=/dev/zero of=/workspace/fill bs=1M count=64")
+    assert full.exit_code != 0 and b"No space left on device" in full.stderr
+    assert (
+        sandbox.exec("rm /workspace/fill && echo freed > /workspace/f && cat /workspace/f").stdout
+        == b"freed\n"
+    )
+
+
+def test_running_past_the_wall_time_destroys_the_sandbox(sandbox_factory: Callable[..., Any]) -> None:
+    sandbox = sandbox_factory(limits=Limits(memory_bytes=96 * MIB, pids=48, wall_time_s=2.0))
+    result = sandbox.exec(["sleep", "60"], timeout_s=90)
+    assert result.killed in (KillReason.SANDBOX_DESTROYED, KillReason.TIMEOUT)
+    with pytest.raises(TransportError):
+        sandbox.exec(["true"])
+
+
+def test_huge_output_is_capped_and_flagged_truncated(sandbox_factory: Callable[..., Any]) -> None:
+    sandbox = sandbox_factory()
+    result = sandbox.exec(["yes"], timeout_s=60)
+    assert result.truncated and result.killed is KillReason.OUTPUT_LIMIT
+    assert 0 < len(result.stdout) <= 32 * MIB
+    assert sandbox.exec("echo alive").stdout == b"alive\n"
+
+
+# --- helpers --------------------------------------------------------------------------------------
+@pytest.fixture
+def docker_client_if_docker(backend: Any) -> Any:
+    return getattr(backend, "client", None)
+
+
+class _Server:
+    """A TCP server on the host answering "hub" (only the test connects to it)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"hub")
+
+    def close(self) -> None:
+        self.sock.close()
