@@ -330,6 +330,16 @@ def sandbox_build_image(
     build_image_command(tag, method, with_hub_client, force)
 
 
+@sandbox_app.command("gc")
+def sandbox_gc(
+    backend: list[str] = typer.Option([], "--backend", "-b", help="docker, local, process (default: all available)."),
+) -> None:
+    """Remove sandboxes, networks and rules whose owner process is gone."""
+    from rayflow.sandbox.gc import gc_command
+
+    raise typer.Exit(gc_command(backend))
+
+
 @app.command("demo")
 def demo(
     state_dir: Optional[Path] = typer.Option(

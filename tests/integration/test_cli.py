@@ -97,3 +97,12 @@ def test_demo_job_runs_end_to_end(tmp_path):
     assert "on disk: False" in proc.stdout
     assert "top result unchanged: True" in proc.stdout
     assert plot.stat().st_size > 10_000
+
+
+def test_sandbox_gc_command_runs_and_reports(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayflow", "sandbox", "gc", "--backend", "process"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "removed" in proc.stdout
