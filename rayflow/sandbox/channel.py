@@ -40,7 +40,12 @@ from rayflow.agent.channel import (
     parse_event,
     request,
 )
-from rayflow.errors import DeadlineExceededError, InvalidInputError, RayflowError, TransportError
+from rayflow.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    RayflowError,
+    TransportError,
+)
 from rayflow.sandbox.backend import OutputCallback
 from rayflow.sandbox.spec import ExecResult, KillReason, SandboxSpec, SandboxStats
 

@@ -42,7 +42,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError, TransportError
@@ -58,6 +57,7 @@ from rayflow.sandbox.spec import (
     SandboxSpec,
     SandboxStats,
 )
+from rayflow.sandbox.wrapper import SandboxWrapper
 
 log = logging.getLogger("rayflow.sandbox.docker")
 
@@ -389,20 +389,13 @@ def refine_kill(result: ExecResult, new_ooms: int, new_refusals: int) -> ExecRes
 
 
 # --- the sandbox ----------------------------------------------------------------------------------------
-class DockerSandbox:
+class DockerSandbox(SandboxWrapper):
     """A :class:`Sandbox` in a container; the channel does the talking, the cgroup the judging."""
 
     def __init__(self, channel: ChannelSandbox, resources: _Resources) -> None:
+        super().__init__(channel)
         self._channel = channel
         self._resources = resources
-
-    @property
-    def id(self) -> str:
-        return self._channel.id
-
-    @property
-    def spec(self) -> SandboxSpec:
-        return self._channel.spec
 
     @property
     def container_id(self) -> str:
@@ -431,7 +424,7 @@ class DockerSandbox:
         cgroup = self._resources.cgroup
         ooms = cgroup.oom_kills() if cgroup else 0
         refusals = cgroup.pids_refusals() if cgroup else 0
-        result = self._channel.exec(
+        result = super().exec(
             command,
             stdin=stdin,
             env=env,
@@ -443,18 +436,6 @@ class DockerSandbox:
         if cgroup is None or result.killed not in (None, KillReason.OOM):
             return result
         return refine_kill(result, cgroup.oom_kills() - ooms, cgroup.pids_refusals() - refusals)
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self._channel.write_file(path, data, mode)
-
-    def read_file(self, path: str) -> bytes:
-        return self._channel.read_file(path)
-
-    def upload(self, local_dir: Path, remote_dir: str) -> None:
-        self._channel.upload(local_dir, remote_dir)
-
-    def download(self, remote_dir: str, local_dir: Path) -> None:
-        self._channel.download(remote_dir, local_dir)
 
     def stats(self) -> SandboxStats:
         """The runtime's view (disk use of the tmpfs mounts) with CPU, memory and pids from the cgroup."""
@@ -472,15 +453,6 @@ class DockerSandbox:
 
     def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
         return self._channel.ping(timeout_s)
-
-    def destroy(self) -> None:
-        self._channel.destroy()
-
-    def __enter__(self) -> DockerSandbox:  # noqa: PYI034 - not meant to be subclassed
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.destroy()
 
     def __repr__(self) -> str:
         return f"DockerSandbox(id={self.id!r}, container={self.container_id[:12]!r})"

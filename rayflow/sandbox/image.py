@@ -746,7 +746,13 @@ def _apt_source_files() -> list[Path]:
 def build_image_command(tag: str, method: str, with_hub_client: bool, force: bool) -> ImageInfo:
     """Build the image with a live progress bar on the terminal; what ``rayflow sandbox build-image`` runs."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = Console()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())

@@ -52,6 +52,7 @@ from rayflow.sandbox.spec import (
     SandboxSpec,
     SandboxStats,
 )
+from rayflow.sandbox.wrapper import SandboxWrapper
 
 #: Where the runtime's packages appear inside the sandbox.
 SANDBOX_LIB = "/opt/rayflow/lib"
@@ -446,7 +447,7 @@ class Registry:
 
 
 # --- the sandbox ------------------------------------------------------------------------------
-class LocalSandbox:
+class LocalSandbox(SandboxWrapper):
     """A :class:`Sandbox` backed by a bwrap process tree; the channel does the talking.
 
     Adds what only the outside can see: which limits applied, the cgroup's usage, and whether a
@@ -454,18 +455,10 @@ class LocalSandbox:
     """
 
     def __init__(self, channel: Sandbox, cgroup: Cgroup | None, plan: LimitsPlan, uid: int) -> None:
-        self._channel = channel
+        super().__init__(channel)
         self._cgroup = cgroup
         self.plan = plan
         self.uid = uid
-
-    @property
-    def id(self) -> str:
-        return self._channel.id
-
-    @property
-    def spec(self) -> SandboxSpec:
-        return self._channel.spec
 
     @property
     def limits_applied(self) -> dict[str, str]:
@@ -486,7 +479,7 @@ class LocalSandbox:
         cgroup = self._cgroup
         ooms = cgroup.oom_kills() if cgroup else 0
         refusals = cgroup.pids_refusals() if cgroup else 0
-        result = self._channel.exec(
+        result = super().exec(
             command,
             stdin=stdin,
             env=env,
@@ -503,29 +496,6 @@ class LocalSandbox:
             return _with_kill(result, KillReason.PIDS)
         return result
 
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self._channel.write_file(path, data, mode)
-
-    def read_file(self, path: str) -> bytes:
-        return self._channel.read_file(path)
-
-    def upload(self, local_dir: Path, remote_dir: str) -> None:
-        self._channel.upload(local_dir, remote_dir)
-
-    def download(self, remote_dir: str, local_dir: Path) -> None:
-        self._channel.download(remote_dir, local_dir)
-
-    def stats(self) -> SandboxStats:
-        return self._channel.stats()
-
-    def destroy(self) -> None:
-        self._channel.destroy()
-
-    def __enter__(self) -> LocalSandbox:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.destroy()
 
 
 def _with_kill(result: ExecResult, reason: KillReason) -> ExecResult:

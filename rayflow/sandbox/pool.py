@@ -40,15 +40,15 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rayflow.errors import ConfigError, InvalidInputError, OverloadedError, RayflowError
-from rayflow.sandbox.backend import OutputCallback, Sandbox, SandboxBackend
+from rayflow.sandbox.backend import Sandbox, SandboxBackend
 from rayflow.sandbox.gc import current_process_owner
-from rayflow.sandbox.spec import ExecResult, SandboxSpec, SandboxStats
+from rayflow.sandbox.spec import SandboxSpec
+from rayflow.sandbox.wrapper import SandboxWrapper
 
 log = logging.getLogger("rayflow.sandbox.pool")
 
@@ -553,7 +553,7 @@ class WarmPool:
                 self._start_for_queue()
 
 
-class PooledSandbox:
+class PooledSandbox(SandboxWrapper):
     """A sandbox handed out by a :class:`WarmPool`: the backend's sandbox plus who holds it.
 
     ``destroy`` (and leaving a ``with`` block) releases it to the pool, which destroys it.
@@ -561,16 +561,13 @@ class PooledSandbox:
     """
 
     def __init__(self, pool: WarmPool, sandbox: Sandbox, lease: Lease) -> None:
+        super().__init__(sandbox)
         self.pool = pool
         self.sandbox = sandbox
         self.lease = lease
         self._spec = dataclasses.replace(
             sandbox.spec, labels={**sandbox.spec.labels, TENANT_LABEL: lease.tenant, JOB_LABEL: lease.job}
         )
-
-    @property
-    def id(self) -> str:
-        return self.sandbox.id
 
     @property
     def spec(self) -> SandboxSpec:
@@ -585,50 +582,8 @@ class PooledSandbox:
     def job(self) -> str:
         return self.lease.job
 
-    def exec(
-        self,
-        command: Sequence[str] | str,
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ExecResult:
-        return self.sandbox.exec(
-            command,
-            stdin=stdin,
-            env=env,
-            cwd=cwd,
-            timeout_s=timeout_s,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
-
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self.sandbox.write_file(path, data, mode)
-
-    def read_file(self, path: str) -> bytes:
-        return self.sandbox.read_file(path)
-
-    def upload(self, local_dir: Path, remote_dir: str) -> None:
-        self.sandbox.upload(local_dir, remote_dir)
-
-    def download(self, remote_dir: str, local_dir: Path) -> None:
-        self.sandbox.download(remote_dir, local_dir)
-
-    def stats(self) -> SandboxStats:
-        return self.sandbox.stats()
-
     def destroy(self) -> None:
         self.pool.release(self)
-
-    def __enter__(self) -> PooledSandbox:  # noqa: PYI034 - not meant to be subclassed
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.destroy()
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names this class lacks; private names and a half-built object stop here.
