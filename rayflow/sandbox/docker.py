@@ -645,6 +645,11 @@ class DockerBackend:
             ) from exc
         pid = self.client.api.inspect_container(resources.container_id)["State"].get("Pid") or 0
         resources.cgroup = container_cgroup(pid) if pid else None
+        if network is not None:
+            if not pid:
+                channel.destroy()
+                raise RayflowError("the engine reported no process for the sandbox's container")
+            docker_network.block_embedded_dns(pid)
         sandbox = DockerSandbox(channel, resources)
         if spec.limits.wall_time_s is not None:
             resources.timer = threading.Timer(spec.limits.wall_time_s, sandbox.destroy)

@@ -266,3 +266,25 @@ def allow_loopback_routing(bridge: str) -> None:
         raise ConfigError(f"invalid bridge name {bridge!r}")
     with open(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet", "w") as f:
         f.write("1")
+
+
+#: Docker's embedded DNS server inside containers on user-defined networks.
+EMBEDDED_DNS = "127.0.0.11"
+
+
+def block_embedded_dns(container_pid: int) -> None:
+    """Refuse the embedded DNS server from inside the container's own network namespace.
+
+    Why: on a user-defined network every container can query ``127.0.0.11``, and dockerd
+    forwards names it does not know to the host's resolvers from the host side, outside the
+    bridge rules: a channel out of a hub-only sandbox. Sandboxes reach their hub by address, so
+    they need no DNS at all. The rule lives in the container's namespace and disappears with it.
+    """
+    command = [
+        "nsenter", f"--target={container_pid}", "--net", "iptables", "-w", "-I", "OUTPUT",
+        "-d", EMBEDDED_DNS, "-j", "REJECT",
+    ]  # fmt: skip
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RayflowError(f"could not block the embedded DNS server of the sandbox: {exc}") from exc

@@ -338,3 +338,32 @@ def test_nothing_of_this_module_is_left_behind(docker_client: Any, backend: Dock
         for c in docker_client.api.containers(all=True, filters={"label": SANDBOX_LABEL})
     }
     assert docker_network.listed_ids() - live == set()
+
+
+DNS_PROBE = """
+import socket, struct, sys
+name = sys.argv[1]
+query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(("127.0.0.11", 53))
+try:
+    s.send(query)
+    s.recv(512)
+    print("answered")
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+
+
+def test_hub_only_sandbox_cannot_use_the_engines_embedded_dns(
+    backend: DockerBackend, servers: list[HostServer]
+) -> None:
+    hub = serve(servers, "127.0.0.1")
+    with make(backend, network=NetworkPolicy.hub_only("127.0.0.1", hub)) as sandbox:
+        # The sandbox's own container name: the embedded server would answer it without asking
+        # any upstream resolver, so this probe never sends traffic off the machine.
+        result = sandbox.exec(["python3", "-c", DNS_PROBE, f"rayflow-{sandbox.id}"])
+    # A REJECT rule in the sending namespace fails the send itself with EPERM.
+    assert result.stdout.decode().strip() in ("PermissionError", "ConnectionRefusedError", "TimeoutError"), result
