@@ -40,24 +40,21 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError, TransportError
 from rayflow.sandbox import docker_network
-from rayflow.sandbox.backend import OutputCallback
 from rayflow.sandbox.cgroups import Cgroup, find_hierarchies
 from rayflow.sandbox.channel import ChannelSandbox
 from rayflow.sandbox.spec import (
     OWNER_LABEL,
-    ExecResult,
-    KillReason,
     NetworkMode,
     SandboxSpec,
     SandboxStats,
 )
-from rayflow.sandbox.wrapper import SandboxWrapper
+from rayflow.sandbox.wrapper import CgroupJudgedSandbox, KillCounters
 
 log = logging.getLogger("rayflow.sandbox.docker")
 
@@ -368,28 +365,8 @@ def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return create, host
 
 
-def refine_kill(result: ExecResult, new_ooms: int, new_refusals: int) -> ExecResult:
-    """Correct the runtime's reason for a command's death with what the cgroup counted.
-
-    The runtime calls any SIGKILL it did not send an OOM kill; the cgroup knows better: no new
-    OOM kill means something else sent it. A failing command during which the pids limit refused
-    a fork is reported as stopped by that limit.
-    """
-    killed = result.killed
-    if killed is KillReason.OOM and new_ooms == 0:
-        killed = None
-    if killed is None and result.exit_code != 0:
-        if new_ooms:
-            killed = KillReason.OOM
-        elif new_refusals:
-            killed = KillReason.PIDS
-    if killed is result.killed:
-        return result
-    return dataclasses.replace(result, killed=killed)
-
-
 # --- the sandbox ----------------------------------------------------------------------------------------
-class DockerSandbox(SandboxWrapper):
+class DockerSandbox(CgroupJudgedSandbox):
     """A :class:`Sandbox` in a container; the channel does the talking, the cgroup the judging."""
 
     def __init__(self, channel: ChannelSandbox, resources: _Resources) -> None:
@@ -410,32 +387,8 @@ class DockerSandbox(SandboxWrapper):
     def alive(self) -> bool:
         return self._channel.alive
 
-    def exec(
-        self,
-        command: Sequence[str] | str,
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ExecResult:
-        cgroup = self._resources.cgroup
-        ooms = cgroup.oom_kills() if cgroup else 0
-        refusals = cgroup.pids_refusals() if cgroup else 0
-        result = super().exec(
-            command,
-            stdin=stdin,
-            env=env,
-            cwd=cwd,
-            timeout_s=timeout_s,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
-        if cgroup is None or result.killed not in (None, KillReason.OOM):
-            return result
-        return refine_kill(result, cgroup.oom_kills() - ooms, cgroup.pids_refusals() - refusals)
+    def kill_counters(self) -> KillCounters | None:
+        return self._resources.cgroup
 
     def stats(self) -> SandboxStats:
         """The runtime's view (disk use of the tmpfs mounts) with CPU, memory and pids from the cgroup."""

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from rayflow.errors import ConfigError, RayflowError
-from rayflow.sandbox.backend import OutputCallback, Sandbox
+from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.cgroups import Cgroup, CgroupUnavailableError, remove_dirs
 from rayflow.sandbox.spec import (
     OWNER_LABEL,
@@ -52,7 +52,7 @@ from rayflow.sandbox.spec import (
     SandboxSpec,
     SandboxStats,
 )
-from rayflow.sandbox.wrapper import SandboxWrapper
+from rayflow.sandbox.wrapper import CgroupJudgedSandbox, KillCounters
 
 #: Where the runtime's packages appear inside the sandbox.
 SANDBOX_LIB = "/opt/rayflow/lib"
@@ -447,7 +447,7 @@ class Registry:
 
 
 # --- the sandbox ------------------------------------------------------------------------------
-class LocalSandbox(SandboxWrapper):
+class LocalSandbox(CgroupJudgedSandbox):
     """A :class:`Sandbox` backed by a bwrap process tree; the channel does the talking.
 
     Adds what only the outside can see: which limits applied, the cgroup's usage, and whether a
@@ -465,48 +465,9 @@ class LocalSandbox(SandboxWrapper):
         """limit name -> mechanism ("cgroup", "cgroup+swap", "rlimit-as", "tmpfs-size", "timer")."""
         return self.plan.applied()
 
-    def exec(
-        self,
-        command: Sequence[str] | str,
-        *,
-        stdin: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ExecResult:
-        cgroup = self._cgroup
-        ooms = cgroup.oom_kills() if cgroup else 0
-        refusals = cgroup.pids_refusals() if cgroup else 0
-        result = super().exec(
-            command,
-            stdin=stdin,
-            env=env,
-            cwd=cwd,
-            timeout_s=timeout_s,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
-        if cgroup is None or result.killed is not None or result.exit_code == 0:
-            return result
-        if cgroup.oom_kills() > ooms:
-            return _with_kill(result, KillReason.OOM)
-        if cgroup.pids_refusals() > refusals:
-            return _with_kill(result, KillReason.PIDS)
-        return result
+    def kill_counters(self) -> KillCounters | None:
+        return self._cgroup
 
-
-
-def _with_kill(result: ExecResult, reason: KillReason) -> ExecResult:
-    return ExecResult(
-        exit_code=result.exit_code,
-        stdout=result.stdout,
-        stderr=result.stderr,
-        duration_s=result.duration_s,
-        killed=reason,
-        truncated=result.truncated,
-    )
 
 
 def cgroup_stats(cgroup: Cgroup | None) -> SandboxStats:

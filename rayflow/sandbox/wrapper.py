@@ -8,11 +8,13 @@ protocol.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from rayflow.sandbox.backend import OutputCallback, Sandbox
-from rayflow.sandbox.spec import ExecResult, SandboxSpec, SandboxStats
+from rayflow.sandbox.spec import ExecResult, KillReason, SandboxSpec, SandboxStats
 
 
 class SandboxWrapper:
@@ -73,3 +75,71 @@ class SandboxWrapper:
 
     def __exit__(self, *exc_info: object) -> None:
         self.destroy()
+
+
+class KillCounters(Protocol):
+    """The two counters of a sandbox's cgroup that tell how a command was stopped."""
+
+    def oom_kills(self) -> int: ...
+
+    def pids_refusals(self) -> int: ...
+
+
+def refine_kill(result: ExecResult, new_ooms: int, new_refusals: int) -> ExecResult:
+    """Correct the runtime's reason for a command's death with what the cgroup counted.
+
+    The runtime calls any SIGKILL it did not send an OOM kill; the cgroup knows better: no new
+    OOM kill means something else sent it. A failing command during which the pids limit refused
+    a fork is reported as stopped by that limit.
+    """
+    killed = result.killed
+    if killed is KillReason.OOM and new_ooms == 0:
+        killed = None
+    if killed is None and result.exit_code != 0:
+        if new_ooms:
+            killed = KillReason.OOM
+        elif new_refusals:
+            killed = KillReason.PIDS
+    if killed is result.killed:
+        return result
+    return dataclasses.replace(result, killed=killed)
+
+
+class CgroupJudgedSandbox(SandboxWrapper):
+    """A wrapper that reads the sandbox's cgroup counters around each exec to name its kill reason.
+
+    Shared by the backends that put a sandbox in a cgroup (Docker, Local); they only say where
+    the counters are (:meth:`kill_counters`). Counters are per sandbox, so two execs running at
+    once can be credited with each other's kill.
+    """
+
+    def kill_counters(self) -> KillCounters | None:
+        """The sandbox's cgroup counters, or ``None`` when it has no readable cgroup."""
+        return None
+
+    def exec(
+        self,
+        command: Sequence[str] | str,
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        counters = self.kill_counters()
+        ooms = counters.oom_kills() if counters else 0
+        refusals = counters.pids_refusals() if counters else 0
+        result = super().exec(
+            command,
+            stdin=stdin,
+            env=env,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+        if counters is None:
+            return result
+        return refine_kill(result, counters.oom_kills() - ooms, counters.pids_refusals() - refusals)
