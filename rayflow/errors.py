@@ -157,6 +157,20 @@ class TooEarlyError(RayflowError):
     retryable = True
 
 
+# --- sandboxes and workers ---------------------------------------------------------------------
+class SandboxError(RayflowError):
+    """A sandbox or the worker holding it failed (not the agent's work): the subtask can run elsewhere."""
+
+    code = "sandbox_failed"
+    retryable = True
+
+
+class WorkerLostError(SandboxError):
+    """A worker died or became unreachable while it held a subtask."""
+
+    code = "worker_lost"
+
+
 class UnknownOperationError(InvalidInputError):
     """The RPC op is not known to this server."""
 

@@ -1,0 +1,1 @@
+"""The swarm: jobs split into subtasks, run by sandboxed workers, with a shared ReasoningBank."""

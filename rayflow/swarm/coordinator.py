@@ -1,0 +1,284 @@
+"""The coordinator's loop: lease workers, dispatch subtasks with bounded concurrency, survive failures.
+
+Written against a small :class:`Fleet` interface of ``concurrent.futures`` futures, not against
+Ray: the Ray layer (``actors/fleet.py``) makes workers Ray actors spread over nodes, and
+:class:`ThreadFleet` makes them threads of this process (tests, notebooks without a cluster).
+Either way the same loop decides what runs where, through the pure
+:class:`~rayflow.swarm.ledger.DispatchLedger`.
+
+Failure handling: an agent that fails is a *result* (reported, not retried); a worker whose
+actor, node or container fails is replaced by a fresh one, and its subtask goes to another
+worker. Before rerunning, the coordinator asks :attr:`recover` whether the lost worker had
+already recorded the result in the hub (it records each result before answering), so work that
+finished is not done twice and each subtask still appears exactly once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from rayflow.errors import RayflowError
+from rayflow.swarm.ledger import Assignment, DispatchLedger
+from rayflow.swarm.model import PhaseEvent, Subtask, SubtaskResult
+from rayflow.swarm.worker import WorkerCore
+
+log = logging.getLogger("rayflow.swarm.coordinator")
+
+#: What a worker's run gives back.
+RunOutcome = tuple[SubtaskResult, list[PhaseEvent]]
+
+
+class WorkerHandle(Protocol):
+    """A started worker, wherever it lives."""
+
+    worker_id: str
+    node_id: str
+
+    def run(self, subtask: Subtask) -> cf.Future[RunOutcome]: ...
+
+    def stop(self) -> None:
+        """Destroy the worker's sandbox and end the worker (best effort, never raises)."""
+        ...
+
+
+class Fleet(Protocol):
+    """Starts workers. ``launch`` returns at once; the future resolves when the sandbox is ready."""
+
+    def launch(self, worker_id: str) -> cf.Future[tuple[WorkerHandle, list[PhaseEvent]]]: ...
+
+    def close(self) -> None: ...
+
+
+class ResultSink(Protocol):
+    def add_result(self, result: SubtaskResult) -> None: ...
+
+    def add_event(self, event: PhaseEvent) -> None: ...
+
+
+@dataclass
+class RunStats:
+    """Counters of one coordinator run (for the report and the progress display)."""
+
+    launched: int = 0
+    launch_failures: int = 0
+    worker_failures: int = 0
+    recovered_from_hub: int = 0
+    done: int = 0
+    ok: int = 0
+    peak_in_flight: int = 0
+    workers_ready: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class SwarmError(RayflowError):
+    """The swarm could not run the job at all (no worker could be started)."""
+
+    code = "swarm_failed"
+
+
+def error_of(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, RayflowError):
+        return {"code": exc.code, "message": exc.message}
+    return {"code": "worker_lost", "message": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+class Coordinator:
+    """Runs one job's subtasks on a fleet. Use once: ``Coordinator(...).run(subtasks)``."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        sink: ResultSink,
+        *,
+        workers: int,
+        max_dispatches: int = 3,
+        recover: Callable[[Subtask], SubtaskResult | None] | None = None,
+        on_progress: Callable[[RunStats], None] | None = None,
+        worker_prefix: str = "w",
+        max_launch_failures: int | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self._fleet = fleet
+        self._sink = sink
+        self._workers = workers
+        self._max_dispatches = max_dispatches
+        self._recover = recover
+        self._on_progress = on_progress
+        self._prefix = worker_prefix
+        self._max_launch_failures = max_launch_failures if max_launch_failures is not None else 3 * workers
+        self._serial = 0
+        self._cancelled = threading.Event()
+        self.stats = RunStats()
+
+    def cancel(self) -> None:
+        """Stop dispatching; running subtasks finish or are abandoned, workers are stopped."""
+        self._cancelled.set()
+
+    def _next_worker_id(self) -> str:
+        self._serial += 1
+        return f"{self._prefix}{self._serial:03d}"
+
+    def run(self, subtasks: Iterable[Subtask]) -> RunStats:
+        ledger = DispatchLedger(subtasks, max_dispatches=self._max_dispatches)
+        launching: dict[cf.Future[Any], str] = {}
+        running: dict[cf.Future[Any], tuple[WorkerHandle, Assignment]] = {}
+        idle: list[WorkerHandle] = []
+        live: dict[str, WorkerHandle] = {}
+
+        def launch() -> None:
+            worker_id = self._next_worker_id()
+            launching[self._fleet.launch(worker_id)] = worker_id
+            self.stats.launched += 1
+
+        def dispatch() -> None:
+            while idle and not self._cancelled.is_set():
+                handle = idle.pop()
+                others = len(live) - 1
+                assignment = ledger.assign(handle.worker_id, other_workers=others)
+                if assignment is None:
+                    idle.append(handle)
+                    return
+                running[handle.run(assignment.subtask)] = (handle, assignment)
+                self.stats.peak_in_flight = max(self.stats.peak_in_flight, len(running))
+
+        def record(result: SubtaskResult) -> None:
+            self._sink.add_result(result)
+            self.stats.done += 1
+            self.stats.ok += int(result.ok)
+
+        try:
+            for _ in range(self._workers):
+                launch()
+            while not self._cancelled.is_set():
+                dispatch()
+                if ledger.finished:
+                    break
+                if not running and not launching:
+                    if self.stats.launch_failures >= self._max_launch_failures:
+                        raise SwarmError(
+                            "no worker could be started", failures=self.stats.launch_failures,
+                            last=self.stats.errors[-1] if self.stats.errors else "",
+                        )
+                    launch()
+                # Once the decomposition is used up, idle workers only cost sandboxes: stop them.
+                if ledger.exhausted and ledger.waiting_retries == 0:
+                    while idle:
+                        handle = idle.pop()
+                        live.pop(handle.worker_id, None)
+                        handle.stop()
+                done, _ = cf.wait([*launching, *running], return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    if future in launching:
+                        worker_id = launching.pop(future)
+                        try:
+                            handle, events = future.result()
+                        except BaseException as exc:  # noqa: BLE001 - a failed start is counted and retried
+                            self.stats.launch_failures += 1
+                            self.stats.errors.append(f"{worker_id}: {error_of(exc)['message']}")
+                            log.warning("worker %s failed to start: %s", worker_id, exc)
+                            continue
+                        for event in events:
+                            self._sink.add_event(event)
+                        live[handle.worker_id] = handle
+                        idle.append(handle)
+                        self.stats.workers_ready += 1
+                        continue
+                    handle, assignment = running.pop(future)
+                    try:
+                        result, events = future.result()
+                    except BaseException as exc:  # noqa: BLE001 - a lost worker is replaced, never fatal
+                        self._worker_lost(ledger, handle, assignment, exc, record)
+                        live.pop(handle.worker_id, None)
+                        handle.stop()
+                        if not ledger.finished:
+                            launch()
+                        continue
+                    for event in events:
+                        self._sink.add_event(event)
+                    accepted = ledger.completed(result)
+                    if accepted is not None:
+                        record(accepted)
+                    idle.append(handle)
+                if self._on_progress is not None:
+                    self._on_progress(self.stats)
+        finally:
+            for handle in list(live.values()):
+                handle.stop()
+            for future in launching:
+                future.add_done_callback(_stop_when_started)
+            self._fleet.close()
+        return self.stats
+
+    def _worker_lost(
+        self,
+        ledger: DispatchLedger,
+        handle: WorkerHandle,
+        assignment: Assignment,
+        exc: BaseException,
+        record: Callable[[SubtaskResult], None],
+    ) -> None:
+        self.stats.worker_failures += 1
+        error = error_of(exc)
+        log.warning("worker %s lost while running %s: %s", handle.worker_id, assignment.subtask.id, error["message"])
+        found = self._recover(assignment.subtask) if self._recover is not None else None
+        if found is not None:
+            self.stats.recovered_from_hub += 1
+            accepted = ledger.completed(found)
+            if accepted is not None:
+                record(accepted)
+            return
+        for failed in ledger.worker_failed(handle.worker_id, error):
+            record(failed)
+
+
+def _stop_when_started(future: cf.Future[Any]) -> None:
+    try:
+        handle, _ = future.result()
+    except BaseException:  # noqa: BLE001 - nothing started, nothing to stop
+        return
+    handle.stop()
+
+
+# --- workers as threads of this process ---------------------------------------------------------
+class ThreadWorker:
+    """A :class:`WorkerCore` driven from a thread (one subtask at a time, as an actor would)."""
+
+    def __init__(self, core: WorkerCore, pool: cf.ThreadPoolExecutor) -> None:
+        self.core = core
+        self.worker_id = core.worker_id
+        self.node_id = core.node_id
+        self._pool = pool
+
+    def run(self, subtask: Subtask) -> cf.Future[RunOutcome]:
+        return self._pool.submit(self.core.run, subtask)
+
+    def stop(self) -> None:
+        try:
+            self.core.close()
+        except Exception:  # noqa: BLE001 - stopping is best effort; leftovers are reaped by owner
+            log.warning("stopping worker %s failed", self.worker_id, exc_info=True)
+
+
+class ThreadFleet:
+    """Workers as threads of this process: same loop, no cluster."""
+
+    def __init__(self, make_core: Callable[[str], WorkerCore], max_workers: int) -> None:
+        self._make_core = make_core
+        self._pool = cf.ThreadPoolExecutor(max_workers=max(2, 2 * max_workers), thread_name_prefix="rayflow-worker")
+
+    def launch(self, worker_id: str) -> cf.Future[tuple[WorkerHandle, list[PhaseEvent]]]:
+        def start() -> tuple[WorkerHandle, list[PhaseEvent]]:
+            core = self._make_core(worker_id)
+            events = core.start()
+            return ThreadWorker(core, self._pool), events
+
+        return self._pool.submit(start)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

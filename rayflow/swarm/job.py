@@ -1,0 +1,283 @@
+"""What a user hands the swarm: a job = an agent, a decomposition into subtasks, and how to run them.
+
+A job is plain data (it crosses into Ray actors and, in pattern B, into a sandbox), validated at
+construction so a wrong setting fails before any worker or container exists. Three ways to
+decompose, because that is how coding work arrives: an explicit list of tasks, one subtask per file
+of a repository matching a glob, or a user function that returns the tasks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rayflow.errors import ConfigError, InvalidInputError
+from rayflow.ids import new_id
+from rayflow.sandbox.spec import Limits
+from rayflow.swarm.model import Pattern, Subtask
+
+#: Job names are path segments of the hub namespace ``swarm/<job>``.
+JOB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+BACKENDS = ("auto", "docker", "local", "process")
+
+
+@dataclass(frozen=True)
+class AgentRef:
+    """The agent every subtask of a job runs: a shell command or a ``module:function`` in the sandbox."""
+
+    kind: str
+    #: For ``shell``: the command (``/bin/sh -c``); the task arrives as JSON on stdin.
+    command: str = ""
+    #: For ``python``: ``"package.module:function"`` importable inside the sandbox.
+    target: str = ""
+    #: Wall-clock limit of one subtask's agent run.
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.kind == "shell" and not self.command:
+            raise ConfigError("a shell agent needs a command")
+        if self.kind == "python" and ":" not in self.target:
+            raise ConfigError("a python agent is named 'module:function'", target=self.target)
+        if self.kind not in ("shell", "python"):
+            raise ConfigError(f"agent kind must be 'shell' or 'python', not {self.kind!r}")
+        if self.timeout_s <= 0:
+            raise ConfigError("agent timeout_s must be positive")
+
+    @classmethod
+    def shell(cls, command: str, timeout_s: float = 600.0) -> AgentRef:
+        return cls("shell", command=command, timeout_s=timeout_s)
+
+    @classmethod
+    def python(cls, target: str, timeout_s: float = 600.0) -> AgentRef:
+        return cls("python", target=target, timeout_s=timeout_s)
+
+    def to_spec(self) -> dict[str, Any]:
+        """The ``agent`` field of the in-sandbox runner's subtask spec."""
+        if self.kind == "shell":
+            return {"kind": "shell", "command": self.command}
+        return {"kind": "python", "target": self.target}
+
+
+# --- decompositions ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskList:
+    """An explicit list of task payloads, one subtask each."""
+
+    tasks: tuple[Mapping[str, Any], ...]
+
+    def __init__(self, tasks: Iterable[Mapping[str, Any]]) -> None:
+        object.__setattr__(self, "tasks", tuple(dict(t) for t in tasks))
+        for task in self.tasks:
+            if not isinstance(task, Mapping):
+                raise ConfigError("every task of a TaskList is a mapping")
+
+
+@dataclass(frozen=True)
+class FileGlob:
+    """One subtask per file of ``repo`` whose repository-relative path matches ``pattern``.
+
+    The task is ``{"path": <relative path>, **extra}``. Files are listed in sorted order, so the same
+    repository always gives the same subtask indexes (retries and reports rely on it).
+    """
+
+    repo: str
+    pattern: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FunctionDecomposition:
+    """A user function ``(task: Mapping) -> iterable of task payloads``, by reference or as an object.
+
+    Pattern B runs decomposition inside a sandbox, so there the function must be named
+    ``"module:function"`` and importable in the sandbox; pattern A also accepts a callable.
+    """
+
+    function: str | Callable[[Mapping[str, Any]], Iterable[Mapping[str, Any]]]
+
+    @property
+    def named(self) -> bool:
+        return isinstance(self.function, str)
+
+
+Decomposition = TaskList | FileGlob | FunctionDecomposition
+
+
+def glob_files(repo: Path, pattern: str) -> list[str]:
+    """Sorted repository-relative paths under ``repo`` matching ``pattern`` (``**`` spans directories).
+
+    Hidden directories (``.git``) and caches are skipped: nobody means them when asking for a glob.
+    """
+    if not repo.is_dir():
+        raise ConfigError(f"repository {repo} is not a directory")
+    found: list[str] = []
+    for directory, subdirs, files in os.walk(repo):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d != "__pycache__")
+        for name in files:
+            relative = (Path(directory) / name).relative_to(repo).as_posix()
+            if _glob_match(relative, pattern):
+                found.append(relative)
+    return sorted(found)
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    if fnmatch.fnmatchcase(path, pattern):
+        return True
+    # "**/x" also matches "x" at the top, as shells with globstar do.
+    return pattern.startswith("**/") and fnmatch.fnmatchcase(path, pattern[3:])
+
+
+def resolve_function(target: str) -> Callable[..., Any]:
+    """The callable named ``"package.module:function"``."""
+    module_name, _, attribute = target.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load {target!r}: {exc}") from None
+    if not callable(function):
+        raise ConfigError(f"{target!r} is not callable")
+    return function
+
+
+def iter_task_payloads(
+    decomposition: Decomposition, job_task: Mapping[str, Any]
+) -> Iterator[Mapping[str, Any]]:
+    """The task payloads a decomposition yields, lazily where it can (a 1000-file glob is a list of paths)."""
+    if isinstance(decomposition, TaskList):
+        yield from decomposition.tasks
+    elif isinstance(decomposition, FileGlob):
+        for path in glob_files(Path(decomposition.repo), decomposition.pattern):
+            yield {"path": path, **dict(decomposition.extra)}
+    else:
+        function = decomposition.function
+        if isinstance(function, str):
+            function = resolve_function(function)
+        for task in function(dict(job_task)):
+            if not isinstance(task, Mapping):
+                raise InvalidInputError("a decomposition function must yield mappings", got=type(task).__name__)
+            yield task
+
+
+def iter_subtasks(job_name: str, payloads: Iterable[Mapping[str, Any]]) -> Iterator[Subtask]:
+    """Number payloads into subtasks with stable ids; a payload's own ``"id"`` is kept if it has one."""
+    for index, payload in enumerate(payloads):
+        subtask_id = str(payload.get("id") or f"{job_name}-{index:05d}")
+        yield Subtask(subtask_id, index, dict(payload))
+
+
+# --- the job ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Matts:
+    """Memory-aware test-time scaling of each subtask.
+
+    ``parallel``: ``k`` rollouts of the subtask at once in ``k`` sandboxes, the best kept by the
+    judge, memory distilled by contrasting them. ``sequential``: up to ``r`` refinements, stopping at
+    the first success.
+    """
+
+    mode: str = "parallel"
+    k: int = 3
+    r: int = 3
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("parallel", "sequential"):
+            raise ConfigError("matts mode is 'parallel' or 'sequential'")
+        if self.k < 1 or self.r < 1:
+            raise ConfigError("matts k and r are at least 1")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A task, its decomposition and how its subtasks run."""
+
+    agent: AgentRef
+    decomposition: Decomposition
+    #: Unique name; also the hub namespace ``swarm/<name>`` of its results. Generated if empty.
+    name: str = ""
+    #: Free-form description handed to a decomposition function and to synthesis.
+    task: Mapping[str, Any] = field(default_factory=dict)
+    #: Tenant whose memory the job's agents read and write (from their tokens).
+    tenant: str = "default"
+    #: Extra namespaces (besides ``swarm/<name>``) the agents' tokens may use, e.g. shared lessons.
+    memory_namespaces: tuple[str, ...] = ()
+    #: Whether agents get a hub token at all (False: the memory-off control).
+    memory: bool = True
+    pattern: Pattern = Pattern.HYBRID
+    backend: str = "auto"
+    image: str = "rayflow-sandbox:latest"
+    limits: Limits = field(default_factory=lambda: Limits(cpus=0.5, memory_bytes=512 * 1024 * 1024))
+    #: How many workers (and so sandboxes) run at once.
+    workers: int = 4
+    #: How many workers a subtask may be given before it is reported failed (worker/container failures).
+    max_dispatches: int = 3
+    #: Host directory copied into every sandbox's work directory (defaults to a FileGlob's repo).
+    upload: str | None = None
+    #: Take sandboxes from a warm pool per node (pattern A warm) instead of creating each cold.
+    warm_pool: bool = False
+    matts: Matts | None = None
+    #: Lifetime of each sandbox's token; workers refresh it before it runs out.
+    token_ttl_s: int = 900
+
+    def __post_init__(self) -> None:
+        name = self.name or f"job-{new_id()[:12].lower()}"
+        if not JOB_NAME_RE.match(name):
+            raise ConfigError(f"job name {name!r} must match {JOB_NAME_RE.pattern}")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "pattern", Pattern(self.pattern))
+        object.__setattr__(self, "memory_namespaces", tuple(self.memory_namespaces))
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.workers < 1 or self.max_dispatches < 1:
+            raise ConfigError("workers and max_dispatches are at least 1")
+        if self.pattern is Pattern.FULL_SANDBOX and isinstance(self.decomposition, FunctionDecomposition):
+            if not self.decomposition.named:
+                raise ConfigError("pattern B decomposes inside a sandbox: name the function as 'module:function'")
+        upload = self.upload
+        if upload is None and isinstance(self.decomposition, FileGlob):
+            upload = self.decomposition.repo
+        if upload is not None:
+            upload = str(Path(upload).resolve())
+            if not Path(upload).is_dir():
+                raise ConfigError(f"upload directory {upload} does not exist")
+        object.__setattr__(self, "upload", upload)
+
+    @property
+    def results_namespace(self) -> str:
+        """Hub namespace where workers record each subtask's result."""
+        return f"swarm/{self.name}"
+
+    def token_namespaces(self) -> list[str]:
+        return [self.results_namespace, *self.memory_namespaces]
+
+    def with_name(self, name: str) -> Job:
+        return replace(self, name=name)
+
+
+def subtask_result_namespace(results_namespace: str, subtask_id: str) -> str:
+    """The namespace holding exactly one subtask's result record (so it can be looked up alone)."""
+    return f"{results_namespace}/results/{_segment(subtask_id)}"
+
+
+def _segment(text: str) -> str:
+    """``text`` as a namespace segment; ids that had to change get a hash so two never collide."""
+    cleaned = re.sub(r"[^a-z0-9._-]", "-", text.lower()).lstrip("._-")[:48]
+    if cleaned == text and cleaned:
+        return cleaned
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def subtasks_of(job: Job) -> Iterator[Subtask]:
+    """The job's subtasks, decomposed on this host (pattern A)."""
+    return iter_subtasks(job.name, iter_task_payloads(job.decomposition, job.task))
+
+
+def task_payload_list(payloads: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(p) for p in payloads]
