@@ -77,15 +77,22 @@ class HubReplica:
 
 
 def start_hub_replica(
-    region: str, state_dir: str, *, host: str = "127.0.0.1", port: int = 0, detached: bool = False
+    region: str,
+    state_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    detached: bool = False,
+    pinned: bool = True,
 ) -> Any:
-    """Create the named hub replica of ``region``, pinned to a node of that region."""
-    options: dict[str, Any] = {
-        "name": hub_actor_name(region),
-        "namespace": RAY_NAMESPACE,
-        "resources": pin_to_region(region),
-        "num_cpus": 0,
-    }
+    """Create the named hub replica of ``region``, pinned to a node of that region.
+
+    ``pinned=False`` places it anywhere: for a cluster whose nodes carry no region resources
+    (a plain ``ray.init()`` on a laptop), where ``region`` is only a name.
+    """
+    options: dict[str, Any] = {"name": hub_actor_name(region), "namespace": RAY_NAMESPACE, "num_cpus": 0}
+    if pinned:
+        options["resources"] = pin_to_region(region)
     if detached:
         options["lifetime"] = "detached"
     return HubReplica.options(**options).remote(state_dir, region, host, port)

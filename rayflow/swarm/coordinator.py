@@ -55,9 +55,9 @@ class Fleet(Protocol):
 
 
 class ResultSink(Protocol):
-    def add_result(self, result: SubtaskResult) -> None: ...
+    def append(self, result: SubtaskResult) -> None: ...
 
-    def add_event(self, event: PhaseEvent) -> None: ...
+    def append_event(self, event: PhaseEvent) -> None: ...
 
 
 @dataclass
@@ -148,7 +148,7 @@ class Coordinator:
                 self.stats.peak_in_flight = max(self.stats.peak_in_flight, len(running))
 
         def record(result: SubtaskResult) -> None:
-            self._sink.add_result(result)
+            self._sink.append(result)
             self.stats.done += 1
             self.stats.ok += int(result.ok)
 
@@ -184,7 +184,7 @@ class Coordinator:
                             log.warning("worker %s failed to start: %s", worker_id, exc)
                             continue
                         for event in events:
-                            self._sink.add_event(event)
+                            self._sink.append_event(event)
                         live[handle.worker_id] = handle
                         idle.append(handle)
                         self.stats.workers_ready += 1
@@ -200,7 +200,7 @@ class Coordinator:
                             launch()
                         continue
                     for event in events:
-                        self._sink.add_event(event)
+                        self._sink.append_event(event)
                     accepted = ledger.completed(result)
                     if accepted is not None:
                         record(accepted)

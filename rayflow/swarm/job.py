@@ -8,7 +8,6 @@ of a repository matching a glob, or a user function that returns the tasks.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import importlib
 import os
@@ -21,6 +20,7 @@ from typing import Any
 from rayflow.errors import ConfigError, InvalidInputError
 from rayflow.ids import new_id
 from rayflow.sandbox.spec import Limits
+from rayflow.swarm.globbing import glob_files
 from rayflow.swarm.model import Pattern, Subtask
 
 #: Job names are path segments of the hub namespace ``swarm/<job>``.
@@ -110,30 +110,6 @@ class FunctionDecomposition:
 Decomposition = TaskList | FileGlob | FunctionDecomposition
 
 
-def glob_files(repo: Path, pattern: str) -> list[str]:
-    """Sorted repository-relative paths under ``repo`` matching ``pattern`` (``**`` spans directories).
-
-    Hidden directories (``.git``) and caches are skipped: nobody means them when asking for a glob.
-    """
-    if not repo.is_dir():
-        raise ConfigError(f"repository {repo} is not a directory")
-    found: list[str] = []
-    for directory, subdirs, files in os.walk(repo):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d != "__pycache__")
-        for name in files:
-            relative = (Path(directory) / name).relative_to(repo).as_posix()
-            if _glob_match(relative, pattern):
-                found.append(relative)
-    return sorted(found)
-
-
-def _glob_match(path: str, pattern: str) -> bool:
-    if fnmatch.fnmatchcase(path, pattern):
-        return True
-    # "**/x" also matches "x" at the top, as shells with globstar do.
-    return pattern.startswith("**/") and fnmatch.fnmatchcase(path, pattern[3:])
-
-
 def resolve_function(target: str) -> Callable[..., Any]:
     """The callable named ``"package.module:function"``."""
     module_name, _, attribute = target.partition(":")
@@ -163,6 +139,17 @@ def iter_task_payloads(
             if not isinstance(task, Mapping):
                 raise InvalidInputError("a decomposition function must yield mappings", got=type(task).__name__)
             yield task
+
+
+def decomposition_to_wire(decomposition: Decomposition) -> dict[str, Any]:
+    """The plain form of a decomposition that the pattern-B decompose step reads in a sandbox."""
+    if isinstance(decomposition, TaskList):
+        return {"kind": "list", "tasks": [dict(task) for task in decomposition.tasks]}
+    if isinstance(decomposition, FileGlob):
+        return {"kind": "glob", "pattern": decomposition.pattern, "extra": dict(decomposition.extra)}
+    if not isinstance(decomposition.function, str):
+        raise ConfigError("only a function named 'module:function' can be decomposed in a sandbox")
+    return {"kind": "function", "target": decomposition.function}
 
 
 def iter_subtasks(job_name: str, payloads: Iterable[Mapping[str, Any]]) -> Iterator[Subtask]:

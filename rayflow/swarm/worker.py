@@ -254,8 +254,10 @@ class WorkerCore:
         return self._token
 
     # -- work ------------------------------------------------------------------------------
-    def run(self, subtask: Subtask) -> tuple[SubtaskResult, list[PhaseEvent]]:
-        """Run ``subtask`` in the sandbox; returns its result and the spans it took."""
+    def run(self, subtask: Subtask, *, record: bool = True) -> tuple[SubtaskResult, list[PhaseEvent]]:
+        """Run ``subtask`` in the sandbox; returns its result and the spans it took.
+
+        ``record=False`` skips storing the result in the hub (the coordinator's own steps)."""
         sandbox = self._sandbox
         if sandbox is None or self._closed:
             raise SandboxError("this worker has no sandbox (not started, or closed)", worker=self.worker_id)
@@ -283,7 +285,7 @@ class WorkerCore:
             worker_id=self.worker_id, node_id=self.node_id, sandbox_id=sandbox.id,
         )
         events.append(PhaseEvent(Phase.EXECUTE, self.worker_id, started, ended, subtask.id, result.ok))
-        if self._hub is not None and self._mint is not None:
+        if record and self._hub is not None and self._mint is not None:
             synced = self._clock()
             ok = self._record(result)
             events.append(PhaseEvent(Phase.MEMORY_SYNC, self.worker_id, synced, self._clock(), subtask.id, ok))

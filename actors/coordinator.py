@@ -1,0 +1,82 @@
+"""``Coordinator``: the Ray actor that runs a job — a thin shell over :class:`rayflow.swarm.session.JobRunner`.
+
+It is a threaded actor (``max_concurrency``) so that ``progress`` and ``cancel`` answer while
+``run`` is busy. Its workers are ``SandboxWorker`` actors (:class:`actors.fleet.RayFleet`); its
+hub is the region's ``HubReplica``. For pattern B it also creates a sandbox of its own for the
+decomposition and synthesis steps, on its own node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ray
+
+from actors.fleet import RayFleet, collect_garbage_on_nodes
+from actors.hub_replica import get_hub_replica
+from actors.sandbox_worker import token_minter
+from rayflow.sandbox.select import select_backend
+from rayflow.swarm.coordinator import RunStats
+from rayflow.swarm.job import Job
+from rayflow.swarm.model import Pattern
+from rayflow.swarm.session import HubSession, JobRunner
+from rayflow.swarm.worker import HubAccess, WorkerPlan
+
+
+def hub_session(hub_region: str, tenant: str) -> HubSession:
+    """How to reach the region's hub replica and mint tokens for ``tenant``."""
+    endpoint = ray.get(get_hub_replica(hub_region).endpoint.remote())
+    access = HubAccess(endpoint["host"], int(endpoint["port"]), bytes(endpoint["ca_pem"]))
+    return HubSession(access, token_minter(hub_region, tenant))
+
+
+@ray.remote(max_concurrency=4, num_cpus=0, max_restarts=0)
+class Coordinator:
+    """Runs jobs one at a time; ask ``progress()`` meanwhile."""
+
+    def __init__(self) -> None:
+        self._runner: JobRunner | None = None
+        self._stats = RunStats()
+
+    def run(self, job: Job, results_dir: str, hub_region: str | None = None, region: str | None = None) -> dict[str, Any]:
+        hub = hub_session(hub_region, job.tenant) if hub_region is not None else None
+        cpus = job.limits.cpus or 1.0
+
+        def make_fleet(plan: WorkerPlan) -> RayFleet:
+            return RayFleet(
+                plan,
+                backend=job.backend,
+                cpus=cpus,
+                hub=hub.access if hub is not None else None,
+                hub_region=hub_region,
+                tenant=job.tenant,
+                region=region,
+            )
+
+        step_sandboxes = None
+        if job.pattern is Pattern.FULL_SANDBOX:
+            step_sandboxes = select_backend(job.backend, allow_unisolated=job.backend == "process").create
+        self._runner = JobRunner(
+            job,
+            make_fleet,
+            results_dir,
+            hub=hub,
+            create_step_sandbox=step_sandboxes,
+            collect_garbage=lambda: collect_garbage_on_nodes([job.backend]),
+            on_progress=self._remember,
+        )
+        outcome = self._runner.run()
+        self._stats = outcome.stats
+        data = dataclasses.asdict(outcome)
+        return data
+
+    def _remember(self, stats: RunStats) -> None:
+        self._stats = dataclasses.replace(stats, errors=list(stats.errors[-5:]))
+
+    def progress(self) -> dict[str, Any]:
+        return dataclasses.asdict(self._stats)
+
+    def cancel(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()

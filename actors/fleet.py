@@ -1,0 +1,134 @@
+"""``RayFleet``: the coordinator's workers as ``SandboxWorker`` actors spread over the cluster.
+
+Placement is explicit: each worker asks Ray for exactly the CPU its sandbox is limited to (a
+0.5-CPU sandbox holds 0.5 of a node's CPU), optionally a region's pin resource, and uses the
+``SPREAD`` strategy so a job's workers land on as many nodes as have room. Actor calls become
+``concurrent.futures`` futures (``ObjectRef.future()``), which is what the Ray-free coordinator
+loop waits on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.placement import pin_to_region
+from actors.sandbox_worker import SandboxWorker
+from rayflow.swarm.model import PhaseEvent, Subtask, SubtaskResult
+from rayflow.swarm.worker import HubAccess, WorkerPlan
+
+log = logging.getLogger("rayflow.actors.fleet")
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def mapped(future: cf.Future[T], convert: Callable[[T], U]) -> cf.Future[U]:
+    """A future resolving to ``convert(future.result())`` (or to the same exception)."""
+    out: cf.Future[U] = cf.Future()
+
+    def done(source: cf.Future[T]) -> None:
+        try:
+            out.set_result(convert(source.result()))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on ``out``
+            out.set_exception(exc)
+
+    future.add_done_callback(done)
+    return out
+
+
+def _outcome(reply: dict[str, Any]) -> tuple[SubtaskResult, list[PhaseEvent]]:
+    return SubtaskResult.from_dict(reply["result"]), [PhaseEvent.from_dict(e) for e in reply["events"]]
+
+
+class RayWorker:
+    """A started ``SandboxWorker`` actor."""
+
+    def __init__(self, actor: Any, worker_id: str, node_id: str) -> None:
+        self.actor = actor
+        self.worker_id = worker_id
+        self.node_id = node_id
+
+    def run(self, subtask: Subtask) -> cf.Future[tuple[SubtaskResult, list[PhaseEvent]]]:
+        return mapped(self.actor.run.remote(subtask.to_dict()).future(), _outcome)
+
+    def stop(self) -> None:
+        try:
+            self.actor.shutdown.remote()
+        except Exception:  # noqa: BLE001 - an actor already gone has nothing to stop
+            log.debug("shutdown of %s could not be sent", self.worker_id, exc_info=True)
+
+
+class RayFleet:
+    """Starts ``SandboxWorker`` actors for one job."""
+
+    def __init__(
+        self,
+        plan: WorkerPlan,
+        *,
+        backend: str,
+        cpus: float,
+        hub: HubAccess | None = None,
+        hub_region: str | None = None,
+        tenant: str = "default",
+        region: str | None = None,
+    ) -> None:
+        self._plan = plan
+        self._backend = backend
+        self._hub = hub
+        self._hub_region = hub_region
+        self._tenant = tenant
+        self._options: dict[str, Any] = {"num_cpus": cpus, "scheduling_strategy": "SPREAD"}
+        if region is not None:
+            self._options["resources"] = pin_to_region(region)
+        self.actors: dict[str, Any] = {}
+
+    def launch(self, worker_id: str) -> cf.Future[tuple[RayWorker, list[PhaseEvent]]]:
+        actor = SandboxWorker.options(**self._options).remote(
+            worker_id, self._plan, self._backend, self._hub, self._hub_region, self._tenant
+        )
+        self.actors[worker_id] = actor
+
+        def started(info: dict[str, Any]) -> tuple[RayWorker, list[PhaseEvent]]:
+            events = [PhaseEvent.from_dict(e) for e in info["events"]]
+            return RayWorker(actor, worker_id, str(info.get("node_id") or "")), events
+
+        return mapped(actor.ready.remote().future(), started)
+
+    def close(self) -> None:
+        self.actors.clear()
+
+
+@ray.remote(num_cpus=0)
+def _collect_garbage(backends: list[str]) -> list[str]:
+    from rayflow.sandbox.gc import collect_garbage, owner_alive_by_pid
+    from rayflow.sandbox.select import select_backend
+
+    reaped: list[str] = []
+    for name in backends:
+        try:
+            backend = select_backend(name, allow_unisolated=name == "process")
+        except Exception:  # noqa: BLE001 - a backend this node lacks has nothing to reap
+            continue
+        reaped.extend(collect_garbage([backend], owner_alive_by_pid))
+    return reaped
+
+
+def collect_garbage_on_nodes(backends: list[str], timeout_s: float = 120.0) -> list[str]:
+    """Reap sandboxes of dead owners (killed workers) on every alive node; returns their ids."""
+    refs = [
+        _collect_garbage.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(backends)
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    reaped: list[str] = []
+    for ids in ray.get(refs, timeout=timeout_s):
+        reaped.extend(ids)
+    return reaped

@@ -1,0 +1,233 @@
+"""One job from start to report: decompose, run on a fleet, collect, synthesize (patterns A and B).
+
+Ray-free: the caller passes a fleet factory (Ray actors or threads), a hub session (how to reach
+the hub and mint tokens) and, for pattern B, a way to create the coordinator's own sandbox. The
+``Coordinator`` Ray actor is a thin shell around :class:`JobRunner`.
+
+Patterns: in A the coordinator's agent steps (decomposition, synthesis) run here on the host and
+the coordinator reads the hub with a token of its own; in B they run in a sandbox of the
+coordinator's, as python agents (:mod:`rayflow.agents.steps`), and reach memory only over QUIC
+with that sandbox's token. Workers are sandboxed in both.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rayflow.errors import InvalidInputError, RayflowError
+from rayflow.sandbox.backend import Sandbox
+from rayflow.sandbox.spec import SandboxSpec
+from rayflow.swarm.coordinator import Coordinator, Fleet, RunStats
+from rayflow.swarm.job import AgentRef, Job, decomposition_to_wire, iter_subtasks, iter_task_payloads
+from rayflow.swarm.model import Pattern, Phase, PhaseEvent, Subtask, SubtaskResult
+from rayflow.swarm.recovery import find_recorded_result
+from rayflow.swarm.results_log import ResultsLog
+from rayflow.swarm.synthesis import synthesize_report
+from rayflow.swarm.worker import HubAccess, TokenMinter, WorkerCore, WorkerPlan
+
+log = logging.getLogger("rayflow.swarm.session")
+
+COORDINATOR = "coordinator"
+DECOMPOSE_STEP = "rayflow.agents.steps:decompose"
+SYNTHESIZE_STEP = "rayflow.agents.steps:synthesize"
+#: Results handed to a sandboxed synthesis step travel in one frame: keep them compact.
+SYNTHESIS_FIELDS = ("subtask_id", "index", "ok", "value", "error", "dispatches", "worker_id", "node_id",
+                    "started_at", "ended_at")
+
+
+@dataclass(frozen=True)
+class HubSession:
+    """How the coordinator and its workers reach the hub, and how tokens for the job's tenant are minted."""
+
+    access: HubAccess
+    mint: TokenMinter
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What running a job produced: where its results are, its counters and its report."""
+
+    job_id: str
+    pattern: str
+    results_path: str
+    summary: dict[str, Any]
+    report: str
+    stats: RunStats
+
+
+class JobRunner:
+    """Runs one :class:`Job`. ``run()`` once."""
+
+    def __init__(
+        self,
+        job: Job,
+        make_fleet: Callable[[WorkerPlan], Fleet],
+        results_dir: str | Path,
+        *,
+        hub: HubSession | None = None,
+        create_step_sandbox: Callable[[SandboxSpec], Sandbox] | None = None,
+        collect_garbage: Callable[[], list[str]] | None = None,
+        on_progress: Callable[[RunStats], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if job.pattern is Pattern.FULL_SANDBOX and create_step_sandbox is None:
+            raise InvalidInputError("pattern B needs a sandbox for the coordinator's own steps")
+        self.job = job
+        self._make_fleet = make_fleet
+        self._hub = hub if job.memory or hub is not None else None
+        self._create_step_sandbox = create_step_sandbox
+        self._collect_garbage = collect_garbage
+        self._on_progress = on_progress
+        self._clock = clock
+        self.results_path = Path(results_dir) / f"{job.name}.jsonl"
+        self._client: Any = None
+        self._step_core: WorkerCore | None = None
+        self.coordinator: Coordinator | None = None
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> JobOutcome:
+        job = self.job
+        log_file = ResultsLog(self.results_path)
+        log_file.set_meta(job_id=job.name, pattern=job.pattern.value, backend=job.backend, workers=job.workers,
+                          memory=job.memory, started_at=self._clock())
+        plan = WorkerPlan.for_job(job, self._hub.access if self._hub is not None else None)
+        try:
+            if job.pattern is Pattern.FULL_SANDBOX:
+                self._start_step_sandbox(plan, log_file)
+            subtasks = self._decompose(log_file)
+            self.coordinator = Coordinator(
+                self._make_fleet(plan),
+                log_file,
+                workers=job.workers,
+                max_dispatches=job.max_dispatches,
+                recover=self._recover if self._hub is not None else None,
+                on_progress=self._on_progress,
+                worker_prefix=f"{job.name}-w",
+            )
+            stats = self.coordinator.run(subtasks)
+            if self._collect_garbage is not None:
+                reaped = self._collect_garbage()
+                if reaped:
+                    log.info("reaped %d sandboxes of lost workers", len(reaped))
+            report = self._synthesize(log_file)
+            log_file.set_meta(finished_at=self._clock())
+            return JobOutcome(job.name, job.pattern.value, str(self.results_path), log_file.summary(), report, stats)
+        finally:
+            self._close()
+            log_file.close()
+
+    def cancel(self) -> None:
+        if self.coordinator is not None:
+            self.coordinator.cancel()
+
+    # -- steps -------------------------------------------------------------------------------
+    def _start_step_sandbox(self, plan: WorkerPlan, log_file: ResultsLog) -> None:
+        assert self._create_step_sandbox is not None
+        step_plan = replace(plan, agent=AgentRef.python(DECOMPOSE_STEP, timeout_s=plan.agent.timeout_s))
+        core = WorkerCore(
+            COORDINATOR,
+            step_plan,
+            self._create_step_sandbox,
+            hub=self._hub.access if self._hub is not None else None,
+            mint_token=self._hub.mint if self._hub is not None else None,
+        )
+        self._step_core = core
+        for event in core.start():
+            log_file.append_event(event)
+
+    def _run_step(self, target: str, task: dict[str, Any]) -> tuple[SubtaskResult, list[PhaseEvent]]:
+        core = self._step_core
+        assert core is not None
+        core.plan = replace(core.plan, agent=AgentRef.python(target, timeout_s=core.plan.agent.timeout_s))
+        result, events = core.run(Subtask(f"{self.job.name}-{target.rsplit(':', 1)[1]}", -1, task), record=False)
+        if not result.ok:
+            raise RayflowError(
+                f"the coordinator's {target} step failed in its sandbox",
+                error=json.dumps(result.error),
+                output=result.output_tail[-500:],
+            )
+        return result, events
+
+    def _decompose(self, log_file: ResultsLog) -> Iterator[Subtask]:
+        job = self.job
+        started = self._clock()
+        if job.pattern is Pattern.FULL_SANDBOX:
+            task = {"decomposition": decomposition_to_wire(job.decomposition), "job_task": dict(job.task)}
+            result, _ = self._run_step(DECOMPOSE_STEP, task)
+            if not isinstance(result.value, list):
+                raise RayflowError("the decompose step returned no list of tasks")
+            subtasks: Iterator[Subtask] = iter_subtasks(job.name, result.value)
+        else:
+            subtasks = iter_subtasks(job.name, iter_task_payloads(job.decomposition, job.task))
+        # The first subtask is taken now so the decompose span covers listing the work.
+        first = next(subtasks, None)
+        log_file.append_event(PhaseEvent(Phase.DECOMPOSE, COORDINATOR, started, self._clock(), job.name))
+        return iter(()) if first is None else itertools.chain([first], subtasks)
+
+    def _synthesize(self, log_file: ResultsLog) -> str:
+        started = self._clock()
+        summary = log_file.summary()
+        if self.job.pattern is Pattern.FULL_SANDBOX:
+            task = {
+                "summary": summary,
+                "results": [{key: r.to_dict()[key] for key in SYNTHESIS_FIELDS} for r in log_file],
+                "results_namespace": self.job.results_namespace,
+                "job": self.job.name,
+            }
+            result, _ = self._run_step(SYNTHESIZE_STEP, task)
+            report = str((result.value or {}).get("report", ""))
+        else:
+            report = synthesize_report(summary, log_file)
+            if self._hub is not None:
+                self._store_report(report)
+        log_file.append_event(PhaseEvent(Phase.AGGREGATE, COORDINATOR, started, self._clock(), "report"))
+        return report
+
+    # -- the hub, from the coordinator's side ---------------------------------------------------
+    def _hub_client(self) -> Any:
+        if self._client is None:
+            from rayflow.hub.client import SyncHubClient
+
+            assert self._hub is not None
+            token = self._hub.mint(f"{COORDINATOR}-{self.job.name}", [self.job.results_namespace],
+                                   self.job.token_ttl_s)
+            access = self._hub.access
+            self._client = SyncHubClient(access.host, access.port, ca_pem=access.ca_pem, token=token)
+        return self._client
+
+    def _recover(self, subtask: Subtask) -> SubtaskResult | None:
+        try:
+            return find_recorded_result(self._hub_client(), self.job.results_namespace, subtask)
+        except RayflowError as exc:
+            log.warning("hub lookup for %s failed: %s", subtask.id, exc)
+            return None
+
+    def _store_report(self, report: str) -> None:
+        try:
+            self._hub_client().store_pattern(
+                namespace=self.job.results_namespace,
+                title=f"report of {self.job.name}",
+                content=report,
+                domain="swarm-report",
+                tags=["swarm-report"],
+            )
+        except RayflowError as exc:
+            log.warning("storing the report in the hub failed: %s", exc)
+
+    def _close(self) -> None:
+        if self._step_core is not None:
+            self._step_core.close()
+            self._step_core = None
+        if self._client is not None:
+            try:
+                self._client.close()
+            except RayflowError:
+                log.debug("closing the coordinator's hub client failed", exc_info=True)
+            self._client = None
