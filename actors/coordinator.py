@@ -39,7 +39,16 @@ class Coordinator:
         self._runner: JobRunner | None = None
         self._stats = RunStats()
 
-    def run(self, job: Job, results_dir: str, hub_region: str | None = None, region: str | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        job: Job,
+        results_dir: str,
+        hub_region: str | None = None,
+        region: str | None = None,
+        warm: list[Any] | None = None,
+    ) -> dict[str, Any]:
+        """Run ``job``; ``warm`` are started workers of the job's sandbox profile, used before cold ones."""
+        self._stats = RunStats()
         hub = hub_session(hub_region, job.tenant) if hub_region is not None else None
         cpus = job.limits.cpus or 1.0
 
@@ -52,6 +61,7 @@ class Coordinator:
                 hub_region=hub_region,
                 tenant=job.tenant,
                 region=region,
+                warm=warm,
             )
 
         step_sandboxes = None

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.hub_replica import RAY_NAMESPACE
 from actors.placement import pin_to_region
 from actors.sandbox_worker import SandboxWorker
 from rayflow.swarm.model import PhaseEvent, Subtask, SubtaskResult
@@ -77,8 +79,11 @@ class RayFleet:
         hub_region: str | None = None,
         tenant: str = "default",
         region: str | None = None,
+        warm: list[Any] | None = None,
     ) -> None:
         self._plan = plan
+        #: Started ``SandboxWorker`` actors of the same sandbox profile, handed out before cold starts.
+        self._warm = list(warm or [])
         self._backend = backend
         self._hub = hub
         self._hub_region = hub_region
@@ -89,19 +94,56 @@ class RayFleet:
         self.actors: dict[str, Any] = {}
 
     def launch(self, worker_id: str) -> cf.Future[tuple[RayWorker, list[PhaseEvent]]]:
-        actor = SandboxWorker.options(**self._options).remote(
+        if self._warm:
+            actor = self._warm.pop()
+            self.actors[worker_id] = actor
+            return mapped(actor.adopt.remote(self._plan, worker_id).future(), self._started(actor, worker_id))
+        actor = SandboxWorker.options(name=worker_id, namespace=RAY_NAMESPACE, **self._options).remote(
             worker_id, self._plan, self._backend, self._hub, self._hub_region, self._tenant
         )
         self.actors[worker_id] = actor
+        return mapped(actor.ready.remote().future(), self._started(actor, worker_id))
 
+    @staticmethod
+    def _started(actor: Any, worker_id: str) -> Callable[[dict[str, Any]], tuple[RayWorker, list[PhaseEvent]]]:
         def started(info: dict[str, Any]) -> tuple[RayWorker, list[PhaseEvent]]:
             events = [PhaseEvent.from_dict(e) for e in info["events"]]
             return RayWorker(actor, worker_id, str(info.get("node_id") or "")), events
 
-        return mapped(actor.ready.remote().future(), started)
+        return started
 
     def close(self) -> None:
+        """Forget the actors; warm workers nobody adopted are shut down (never reused by another job)."""
+        for actor in self._warm:
+            RayWorker(actor, "", "").stop()
+        self._warm.clear()
         self.actors.clear()
+
+    def cold_options(self) -> dict[str, Any]:
+        return dict(self._options)
+
+
+def start_warm_workers(
+    plan: WorkerPlan,
+    count: int,
+    *,
+    backend: str,
+    cpus: float,
+    hub: HubAccess | None = None,
+    hub_region: str | None = None,
+    tenant: str = "default",
+    region: str | None = None,
+) -> list[Any]:
+    """Start ``count`` workers ahead of any job (their sandboxes provisioning in the background)."""
+    fleet = RayFleet(plan, backend=backend, cpus=cpus, hub=hub, hub_region=hub_region, tenant=tenant,
+                     region=region)
+    actors = []
+    for _ in range(count):
+        actor = SandboxWorker.options(**fleet.cold_options()).remote(
+            f"warm-{uuid.uuid4().hex[:10]}", plan, backend, hub, hub_region, tenant
+        )
+        actors.append(actor)
+    return actors
 
 
 @ray.remote(num_cpus=0)

@@ -67,6 +67,11 @@ class SandboxWorker:
         """The provision span and where the worker lives (returns once the sandbox is ready)."""
         return {"events": self._provisioned, **self._core.describe()}
 
+    def adopt(self, plan: WorkerPlan, worker_id: str) -> dict[str, Any]:
+        """Hand this warm worker to a job (see :meth:`WorkerCore.adopt`)."""
+        events = [event.to_dict() for event in self._core.adopt(plan, worker_id)]
+        return {"events": events, **self._core.describe()}
+
     def run(self, subtask: dict[str, Any]) -> dict[str, Any]:
         result, events = self._core.run(Subtask.from_dict(subtask))
         return {"result": result.to_dict(), "events": [event.to_dict() for event in events]}

@@ -25,7 +25,11 @@ machine is noisy.
   ``exec_rtt_local_p50_ms`` and ``exec_rtt_process_p50_ms`` in the other backends.
 * ``parallel10_provision_s``: 10 ``DockerBackend.create`` calls from 10 threads, until all have
   answered their first exec (median over rounds).
-* ``destroy_p50_ms``: ``DockerSandbox.destroy`` as the caller waits for it;
+* ``destroy_p50_ms``: ``DockerSandbox.destroy`` as the caller waits for it (the sandbox's
+  processes are killed and its channel closed; the engine's removal of the container, network and
+  rules continues in the backend's reaper thread). ``destroy_complete_p50_ms``: from the same call
+  until ``DockerBackend.flush`` returns, i.e. until the engine has removed everything; the next
+  sample starts only then, so background removals never overlap a measurement.
   ``destroy_local_p50_ms`` for the local backend.
 
 Every sandbox is destroyed on the way out, error or not, and anything left carrying this run's
@@ -194,11 +198,13 @@ def raw_bwrap(argv: list[str]) -> float:
 # --- measurements ---------------------------------------------------------------------------------
 @dataclass
 class ColdSamples:
-    """Seconds per sample: cold start, ``create`` alone, destroy, and each baseline by name."""
+    """Seconds per sample: cold start, ``create`` alone, destroy (the caller's part, and until the
+    backend's background removal finished), and each baseline by name."""
 
     cold: list[float] = field(default_factory=list)
     create_only: list[float] = field(default_factory=list)
     destroy: list[float] = field(default_factory=list)
+    destroy_complete: list[float] = field(default_factory=list)
     baselines: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -209,8 +215,12 @@ def measure_cold(
     n: int,
     live: Live,
     baselines: dict[str, Callable[[], float]],
+    flush: Callable[[], object] = lambda: None,
 ) -> ColdSamples:
     """``n`` sandboxes one at a time, each sample preceded by one run of every baseline.
+
+    ``flush`` waits for the backend's background removals after each destroy (timed as the
+    destroy's completion).
 
     Why interleaved: the machine's speed drifts over a run (other work, the engine's own
     housekeeping); alternating puts the same drift into the baseline and the measurement, so
@@ -224,7 +234,10 @@ def measure_cold(
             sandbox, elapsed, created = cold_start(create, live)
             out.cold.append(elapsed)
             out.create_only.append(created)
+            t0 = time.perf_counter()
             out.destroy.append(live.destroy(sandbox))
+            flush()
+            out.destroy_complete.append(time.perf_counter() - t0)
             advance()
     return out
 
@@ -301,6 +314,7 @@ def parallel_round(backend: DockerBackend, spec: SandboxSpec, live: Live) -> flo
         thread.start()
     for thread in destroyers:
         thread.join()
+    backend.flush()
     if errors:
         raise RuntimeError(f"{len(errors)} of {PARALLEL} parallel creates failed: {errors[0]!r}")
     return elapsed
@@ -351,6 +365,7 @@ def main() -> None:
         for create in (lambda: docker_backend.create(spec), lambda: local_backend.create(spec)):
             sandbox, _, _ = cold_start(create, live)
             live.destroy(sandbox)
+        docker_backend.flush()
 
         client = docker_backend.client
         docker = measure_cold(
@@ -360,6 +375,7 @@ def main() -> None:
             n,
             live,
             {"docker run": lambda: raw_docker_cli(owner), "API run": lambda: raw_docker_sdk(client, owner)},
+            flush=docker_backend.flush,
         )
         bwrap_argv = raw_bwrap_argv(local_backend.layout)
         local = measure_cold(
@@ -372,7 +388,9 @@ def main() -> None:
         )
         warm = measure_warm_acquire(console, local_backend, spec, n, "local")
         warm_docker = measure_warm_acquire(console, docker_backend, spec, max(5, n // 3), "docker")
+        docker_backend.flush()
         exec_docker = measure_exec(console, "docker", lambda: docker_backend.create(spec), n_exec, live)
+        docker_backend.flush()
         exec_local = measure_exec(console, "local", lambda: local_backend.create(spec), n_exec, live)
         exec_process = measure_exec(console, "process", lambda: process_backend.create(spec), n_exec, live)
         with phase(console, f"docker: {PARALLEL} creates in parallel", n_parallel) as advance:
@@ -416,6 +434,8 @@ def main() -> None:
     metrics["parallel10_provision_s"] = round(statistics.median(rounds), 3)
     metrics["parallel10_provision_max_s"] = round(max(rounds), 3)
     metrics["destroy_p50_ms"] = round(percentile_ms(docker.destroy, 50), 2)
+    metrics["destroy_p90_ms"] = round(percentile_ms(docker.destroy, 90), 2)
+    metrics["destroy_complete_p50_ms"] = round(percentile_ms(docker.destroy_complete, 50), 2)
     metrics["destroy_local_p50_ms"] = round(percentile_ms(local.destroy, 50), 2)
     metrics["leftovers_swept"] = leftovers
     metrics["meets_warm_acquire_target"] = metrics["warm_acquire_p50_ms"] <= 5.0

@@ -82,6 +82,9 @@ class Swarm:
         self.hub_region = hub_region
         self.region = region
         self.hub = self._ensure_hub(start_hub)
+        #: Started workers waiting for a job, by sandbox profile and tenant (never shared across jobs).
+        self._warm: dict[tuple[Any, ...], list[Any]] = {}
+        self._coordinator: Any = None
 
     def _ensure_hub(self, start: bool) -> Any:
         from actors.hub_replica import get_hub_replica, start_hub_replica
@@ -106,23 +109,100 @@ class Swarm:
 
         return ray.get(self.hub.endpoint.remote())
 
+    def _warm_key(self, job: Job) -> tuple[Any, ...]:
+        from rayflow.swarm.worker import WorkerPlan, sandbox_profile
+
+        plan = WorkerPlan.for_job(job, self._hub_access())
+        return (job.backend, job.tenant, sandbox_profile(plan.spec))
+
+    def _hub_access(self) -> Any:
+        from rayflow.swarm.worker import HubAccess
+
+        endpoint = self.endpoint()
+        return HubAccess(endpoint["host"], int(endpoint["port"]), bytes(endpoint["ca_pem"]))
+
+    def prewarm(self, job: Job, count: int | None = None, *, wait: bool = True) -> int:
+        """Start ``count`` (default ``job.workers``) workers for jobs like ``job`` ahead of time.
+
+        Their sandboxes are created now, so a later ``run`` of a job with ``warm_pool=True`` and the
+        same sandbox profile (backend, tenant, image, limits, network) skips the cold start. Each warm
+        worker serves one job only and is then destroyed; returns how many are waiting.
+        """
+        import ray
+
+        from actors.fleet import start_warm_workers
+        from rayflow.swarm.worker import WorkerPlan
+
+        hub = self._hub_access()
+        actors = start_warm_workers(
+            WorkerPlan.for_job(job, hub),
+            count if count is not None else job.workers,
+            backend=job.backend,
+            cpus=job.limits.cpus or 1.0,
+            hub=hub,
+            hub_region=self.hub_region,
+            tenant=job.tenant,
+            region=self.region,
+        )
+        if wait:
+            ray.get([actor.ready.remote() for actor in actors])
+        waiting = self._warm.setdefault(self._warm_key(job), [])
+        waiting.extend(actors)
+        return len(waiting)
+
+    def _coordinator_actor(self) -> Any:
+        """The ``Coordinator`` actor, on the driver's own node, started once and reused for every job."""
+        if self._coordinator is None:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            from actors.coordinator import Coordinator
+
+            here = ray.get_runtime_context().get_node_id()
+            self._coordinator = Coordinator.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+            ).remote()
+        return self._coordinator
+
+    def close(self) -> None:
+        """Stop the coordinator; shut down warm workers nobody used (their sandboxes are destroyed)."""
+        if self._coordinator is not None:
+            import ray
+
+            ray.kill(self._coordinator)
+            self._coordinator = None
+        for actors in self._warm.values():
+            for actor in actors:
+                try:
+                    actor.shutdown.remote()
+                except Exception:  # noqa: BLE001 - an actor already gone has nothing to shut down
+                    log.debug("warm worker already gone", exc_info=True)
+        self._warm.clear()
+
+    def __enter__(self) -> Swarm:  # noqa: PYI034 - not meant to be subclassed
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def run(self, job: Job, *, progress: bool = True, timeout_s: float | None = None) -> Any:
         """Run ``job`` to the end and return its :class:`~rayflow.swarm.report.JobResult`."""
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from actors.coordinator import Coordinator
         from rayflow.swarm.progress import RunProgress
         from rayflow.swarm.report import JobResult
         from rayflow.swarm.results_log import ResultsLog
 
-        here = ray.get_runtime_context().get_node_id()
-        coordinator = Coordinator.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
-        ).remote()
-        done = coordinator.run.remote(job, str(self.results_dir), self.hub_region, self.region)
+        coordinator = self._coordinator_actor()
+        warm = self._warm.pop(self._warm_key(job), []) if job.warm_pool else []
+        done = coordinator.run.remote(job, str(self.results_dir), self.hub_region, self.region, warm)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        display = RunProgress(job.workers, None, f"{job.name} (pattern {job.pattern.value})", enabled=progress)
+        display = RunProgress(
+            job.workers,
+            _known_subtask_count(job),
+            f"{job.name} (pattern {job.pattern.value})",
+            mode="auto" if progress else "silent",
+        )
         seen = {"workers_ready": 0, "done": 0, "ok": 0, "worker_failures": 0}
         try:
             with display:
@@ -136,9 +216,22 @@ class Swarm:
                         raise TimeoutError(f"job {job.name} did not finish within {timeout_s} s")
                 outcome = ray.get(done)
                 _advance(display, seen, outcome["stats"])
-        finally:
+        except BaseException:
+            # A coordinator interrupted mid-job is not reused: its state is unknown.
             ray.kill(coordinator)
+            self._coordinator = None
+            raise
+        if job.warm_pool:
+            # Refill in the background so the next job of this profile starts warm too.
+            self.prewarm(job, job.workers, wait=False)
         return JobResult.from_log(ResultsLog(outcome["results_path"], readonly=True), outcome["report"])
+
+
+def _known_subtask_count(job: Job) -> int:
+    """How many subtasks the job has, when that is known before decomposing (else 0: the bar grows)."""
+    from rayflow.swarm.job import TaskList
+
+    return len(job.decomposition.tasks) if isinstance(job.decomposition, TaskList) else 0
 
 
 def _advance(display: Any, seen: dict[str, int], stats: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from rich.table import Table
 from rayflow.config import Config, load_config
 from rayflow.display import retrieval_table
 from rayflow.errors import RayflowError
+from rayflow.sandbox.image import DEFAULT_WITH_HUB_CLIENT
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 memory_app = typer.Typer(no_args_is_help=True, help="Work with a local ReasoningBank.")
@@ -321,7 +322,9 @@ def audit(
 def sandbox_build_image(
     tag: str = typer.Option("rayflow-sandbox:latest", help="Image tag to build."),
     method: str = typer.Option("debootstrap", help="debootstrap (offline) or dockerfile (needs a registry)."),
-    with_hub_client: bool = typer.Option(False, help="Also ship the hub client's packages (+77 MB)."),
+    with_hub_client: bool = typer.Option(
+        DEFAULT_WITH_HUB_CLIENT, help="Ship the hub client's packages (about +21 MB), so agents reach memory."
+    ),
     force: bool = typer.Option(False, help="Rebuild even when the image is current."),
 ) -> None:
     """Build the sandbox image without a registry (cached by content hash)."""

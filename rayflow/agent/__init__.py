@@ -2,7 +2,7 @@
 
 Everything here runs inside a sandbox image, so it imports only the standard library and msgpack:
 the image stays small and needs no scientific stack. Reaching the ReasoningBank from an agent
-(``AgentContext.memory``) additionally needs the hub client's packages (aioquic, numpy) in the
+(``AgentContext.memory``) additionally needs the hub client's packages (aioquic and its dependencies; the default image carries them) in the
 image; they are imported only when memory is first used.
 """
 

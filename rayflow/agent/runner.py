@@ -17,10 +17,24 @@ Python ones:
 * a *python* agent is a callable ``module:function`` taking an :class:`AgentContext`; what it
   returns (JSON-serializable) is the result's ``value``.
 
-The context gives an agent commands (``run``), files and the shared memory. ``memory`` is a hub
-client built on first use from ``RAYFLOW_HUB_HOST``, ``RAYFLOW_HUB_PORT``, ``RAYFLOW_HUB_CA`` (a
-PEM file path or PEM text) and ``RAYFLOW_HUB_TOKEN``; the client is imported only then, and it
-needs aioquic and numpy, so an image whose agents use memory must carry those packages.
+The context gives an agent commands (``run``), files and the shared memory. ``context.memory``
+is a blocking hub client (:class:`rayflow.hub.client.SyncHubClient`: ``search``,
+``store_pattern``, ``record_trajectory``, ``report_outcome``...), built on first use. What the
+sandbox needs for it:
+
+* the environment variables ``RAYFLOW_HUB_HOST`` and ``RAYFLOW_HUB_PORT`` (the hub as the
+  sandbox reaches it; the Docker backend sets both itself for a ``hub-only`` network policy),
+  ``RAYFLOW_HUB_CA`` (the hub's CA certificate: PEM text, or the path of a PEM file inside the
+  sandbox) and ``RAYFLOW_HUB_TOKEN`` (a token the hub issued for this agent's tenant and
+  namespaces). ``RAYFLOW_HUB_SERVER_NAME`` optionally names the certificate name to check
+  (default ``localhost``, which every hub certificate covers, whatever address the sandbox dials);
+* a network path to the hub over UDP (QUIC): a ``hub-only`` policy gives exactly that;
+* the hub client's modules and packages (aioquic and its dependencies) in the image; the default
+  sandbox image carries them. They are imported only when memory is first used, so a runner
+  without memory stays standard-library-and-msgpack only.
+
+Without those variables ``context.memory`` raises :class:`~rayflow.errors.ConfigError`, which
+becomes the agent's error result (code ``config_error``) like any other agent failure.
 """
 
 from __future__ import annotations
@@ -44,6 +58,9 @@ from rayflow.errors import ConfigError, InvalidInputError, RayflowError
 #: Bytes of an agent's own stdout/stderr kept in the result.
 RESULT_OUTPUT_BYTES = 1024 * 1024
 HUB_ENV = ("RAYFLOW_HUB_HOST", "RAYFLOW_HUB_PORT", "RAYFLOW_HUB_CA", "RAYFLOW_HUB_TOKEN")
+#: Optional: the name the hub's certificate is checked against.
+HUB_SERVER_NAME_ENV = "RAYFLOW_HUB_SERVER_NAME"
+DEFAULT_HUB_SERVER_NAME = "localhost"
 
 
 @dataclass(frozen=True)
@@ -133,26 +150,74 @@ class AgentContext:
             self._memory = None
 
 
-def hub_settings(env: Mapping[str, str]) -> tuple[str, int, bytes, str]:
-    """(host, port, CA PEM, token) from the ``RAYFLOW_HUB_*`` variables; ConfigError if incomplete."""
-    missing = [name for name in HUB_ENV if not env.get(name)]
+@dataclass(frozen=True)
+class HubSettings:
+    """Where the hub is and how this sandbox proves itself to it, read from ``RAYFLOW_HUB_*``."""
+
+    host: str
+    port: int
+    ca_pem: bytes
+    token: str
+    server_name: str = DEFAULT_HUB_SERVER_NAME
+
+
+def hub_settings(env: Mapping[str, str]) -> HubSettings:
+    """The hub settings from the ``RAYFLOW_HUB_*`` variables; ConfigError if incomplete or unusable.
+
+    ``RAYFLOW_HUB_CA`` is PEM text when it holds a ``-----BEGIN`` marker (a worker can pass the
+    certificate itself in the environment, with no file to place in the sandbox), otherwise the
+    path of a PEM file.
+    """
+    missing = [name for name in HUB_ENV if not env.get(name, "").strip()]
     if missing:
-        raise ConfigError("this sandbox has no hub configured", missing=", ".join(missing))
+        names = ", ".join(missing)
+        raise ConfigError(f"this sandbox has no hub configured (missing {names})", missing=names)
     try:
         port = int(env["RAYFLOW_HUB_PORT"])
     except ValueError:
         raise ConfigError("RAYFLOW_HUB_PORT must be a port number") from None
+    if not 0 < port < 65536:
+        raise ConfigError("RAYFLOW_HUB_PORT must be a port number", port=port)
     ca = env["RAYFLOW_HUB_CA"]
-    ca_pem = ca.encode() if ca.lstrip().startswith("-----BEGIN") else Path(ca).read_bytes()
-    return env["RAYFLOW_HUB_HOST"], port, ca_pem, env["RAYFLOW_HUB_TOKEN"]
+    if "-----BEGIN" in ca:
+        ca_pem = ca.strip().encode() + b"\n"
+    else:
+        try:
+            ca_pem = Path(ca).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"RAYFLOW_HUB_CA names no readable PEM file: {exc.strerror}", path=ca) from None
+        if b"-----BEGIN" not in ca_pem:
+            raise ConfigError("RAYFLOW_HUB_CA names a file that holds no PEM certificate", path=ca)
+    return HubSettings(
+        host=env["RAYFLOW_HUB_HOST"].strip(),
+        port=port,
+        ca_pem=ca_pem,
+        token=env["RAYFLOW_HUB_TOKEN"].strip(),
+        server_name=env.get(HUB_SERVER_NAME_ENV, "").strip() or DEFAULT_HUB_SERVER_NAME,
+    )
 
 
 def connect_memory(env: Mapping[str, str]) -> Any:
-    """A ``SyncHubClient`` for the configured hub (imports the client, and so aioquic and numpy, now)."""
-    host, port, ca_pem, token = hub_settings(env)
-    from rayflow.hub.client import SyncHubClient
+    """A ``SyncHubClient`` for the configured hub; the client (and aioquic) is imported only now.
 
-    return SyncHubClient(host, port, ca_pem=ca_pem, token=token)
+    The connection itself opens on the first call, so an unreachable hub shows up as that
+    call's :class:`~rayflow.errors.TransportError` or deadline error.
+    """
+    settings = hub_settings(env)
+    try:
+        from rayflow.hub.client import SyncHubClient
+    except ImportError as exc:
+        raise ConfigError(
+            f"this sandbox image has no hub client ({exc.name or exc} is missing); "
+            "build it with the hub client to use memory"
+        ) from None
+    return SyncHubClient(
+        settings.host,
+        settings.port,
+        ca_pem=settings.ca_pem,
+        token=settings.token,
+        server_name=settings.server_name,
+    )
 
 
 # --- running a spec ---------------------------------------------------------------------------

@@ -31,15 +31,12 @@ import resource
 import selectors
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from rayflow.agent import archive
 from rayflow.agent.channel import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -190,7 +187,7 @@ class AgentServer:
             self._send_quietly(result_event(request.id))
             return True
         if isinstance(request, SimpleRequest) and request.kind == "ping":
-            self._send_quietly(result_event(request.id, {"protocol": PROTOCOL_VERSION, "pid": os.getpid()}))
+            self._send_quietly(result_event(request.id, runtime_identity()))
             return False
         target: Callable[[], None]
         if isinstance(request, ExecRequest):
@@ -275,6 +272,11 @@ class AgentServer:
                 "read_file": lambda: self._read_file(request),
             }
         elif isinstance(request, TreeRequest):
+            # Imported on first use: tarfile and pathlib cost every sandbox's start-up ~4 ms.
+            from pathlib import Path
+
+            from rayflow.agent import archive
+
             handlers = {
                 "upload": lambda: archive.unpack_tree(request.archive, Path(self._path(request.path))),
                 "download": lambda: archive.pack_tree(Path(self._path(request.path))),
@@ -287,6 +289,8 @@ class AgentServer:
         target = self._path(request.path)
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
+        import tempfile  # on first use: it pulls in random, hashlib and shutil at start-up
+
         # Written beside the target and renamed over it, so a reader never sees half a file.
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=".rayflow-write-")
         try:
@@ -562,3 +566,16 @@ def serve_stdio(*, workdir_alias: str | None = None, exec_memory_bytes: int | No
 
     signal.signal(signal.SIGTERM, on_term)
     return server.serve()
+
+
+def runtime_identity() -> dict[str, Any]:
+    """What a ping answers: the protocol, the runtime's pid, and the interpreter and import path that
+    run it, so the host can start more Python in the sandbox (an agent) exactly as the runtime runs."""
+    import sys
+
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "python": sys.executable,
+        "path": [entry for entry in sys.path if entry],
+    }

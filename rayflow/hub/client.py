@@ -5,18 +5,35 @@ arguments and hands them to the transport's ``call``. The async client's transpo
 :class:`~rayflow.rpc.client.RpcClient`, whose ``call`` is a coroutine, so its methods are awaited;
 the sync client's is :class:`~rayflow.rpc.client.SyncRpcClient`, which runs that same async client
 on a private loop, so its methods return results. There is no second protocol implementation.
+
+The client runs inside sandbox images, so it imports only what talking to a hub needs: aioquic
+(through :mod:`rayflow.rpc.client`), msgpack and rayflow's light modules (the op table, the wire
+conversions, the plain records). Embeddings travel as little-endian float32 bytes; a caller may
+pass bytes, a sequence of floats, or anything with ``tobytes()`` (a numpy array is converted to
+float32 first, using numpy only when the caller already has it loaded).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import struct
+import sys
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-import numpy as np
-
-from rayflow.hub.service import OPS
+from rayflow.hub.ops import OPS
 from rayflow.hub.wire import trajectory_to_wire
 from rayflow.memory.models import Trajectory
 from rayflow.rpc.client import RpcClient, SyncRpcClient
+
+
+class SupportsToBytes(Protocol):
+    """A vector that can give its raw float32 bytes (numpy arrays, ``array.array("f")``)."""
+
+    def tobytes(self) -> bytes: ...
+
+
+#: What an embedding argument may be.
+Vector = bytes | bytearray | memoryview | Sequence[float] | SupportsToBytes
 
 
 class _HubOps:
@@ -40,7 +57,7 @@ class _HubOps:
 
     def search(
         self,
-        query: str | np.ndarray | bytes,
+        query: str | Vector,
         *,
         k: int = 5,
         namespace: str = "",
@@ -78,7 +95,7 @@ class _HubOps:
         outcome: str | None = None,
         confidence: float | None = None,
         source_task: str | None = None,
-        embedding: np.ndarray | bytes | None = None,
+        embedding: Vector | None = None,
     ) -> Any:
         return self._call(
             "store_pattern",
@@ -156,7 +173,14 @@ class SyncHubClient(_HubOps):
         self.close()
 
 
-def _as_bytes(vector: np.ndarray | bytes) -> bytes:
+def _as_bytes(vector: Vector) -> bytes:
+    """``vector`` as little-endian float32 bytes, the hub's wire form of an embedding."""
     if isinstance(vector, (bytes, bytearray, memoryview)):
         return bytes(vector)
-    return np.asarray(vector, dtype="<f4").tobytes()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(vector, numpy.ndarray):
+        return bytes(numpy.asarray(vector, dtype="<f4").tobytes())
+    if getattr(vector, "typecode", "f") == "f" and hasattr(vector, "tobytes"):
+        return bytes(vector.tobytes())
+    values = [float(x) for x in vector]  # type: ignore[union-attr]
+    return struct.pack(f"<{len(values)}f", *values)

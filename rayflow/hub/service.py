@@ -9,7 +9,6 @@ The RPC server maps ops onto these methods (see :mod:`rayflow.hub.server`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from rayflow.auth.authorize import authorize, effective_scopes
@@ -17,34 +16,14 @@ from rayflow.auth.claims import Claims, Scope
 from rayflow.auth.issuer import TokenIssuer
 from rayflow.auth.revocation import RevocationList
 from rayflow.errors import InvalidInputError, ItemNotFoundError, PermissionDeniedError
+from rayflow.hub.ops import OPS, OpInfo
 from rayflow.hub.wire import item_to_wire, scored_to_wire, trajectory_from_wire, verdict_to_wire
 from rayflow.memory.bank import ReasoningBank
 from rayflow.namespace import ROOT, normalize_namespace
 
 HUB_VERSION = 1
 
-
-@dataclass(frozen=True)
-class OpInfo:
-    """How an op may be called: the scope it needs and whether a replay of it is harmless."""
-
-    scope: str
-    idempotent: bool
-
-
-#: Every op the hub serves. Idempotent ops may arrive as 0-RTT early data; the others never do.
-OPS: dict[str, OpInfo] = {
-    "health": OpInfo(Scope.READ, True),
-    "stats": OpInfo(Scope.READ, True),
-    "search": OpInfo(Scope.READ, True),
-    "get": OpInfo(Scope.READ, True),
-    "store_pattern": OpInfo(Scope.WRITE, False),
-    "record_trajectory": OpInfo(Scope.WRITE, False),
-    "report_outcome": OpInfo(Scope.WRITE, False),
-    "consolidate": OpInfo(Scope.ADMIN, False),
-    "revoke": OpInfo(Scope.ADMIN, False),
-    "issue_token": OpInfo(Scope.ADMIN, False),
-}
+__all__ = ["HUB_VERSION", "OPS", "HubService", "OpInfo"]
 
 
 class HubService:

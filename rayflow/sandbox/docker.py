@@ -23,6 +23,15 @@ Locked down, and why each piece:
 * wall time is a timer on the host that destroys the sandbox; ``stdin_once`` makes the runtime
   see end of input, and stop, if the host process dies without destroying it.
 
+Destroying is in two parts. The caller's part is immediate (about a millisecond): the container's
+pid 1 gets SIGKILL through a pidfd (the kernel then kills every process of its pid namespace) and
+the attach socket is shut, so nothing runs in the sandbox and no call can reach it any more. The
+engine's part (removing the container, its network and rules, 40-50 ms) is handed to the
+backend's :class:`~rayflow.sandbox.reaper.Reaper`, which retries failures; ``destroy(wait=True)``
+or :meth:`DockerBackend.flush` wait for it, and :meth:`DockerBackend.close` (or interpreter exit)
+finishes it. Until then the container still carries its owner label, so a crash in between leaves
+nothing ``reap`` cannot find.
+
 Everything created carries the labels ``rayflow.owner`` and ``rayflow.sandbox`` (and the rules
 a comment with the sandbox id), so ``owned`` and ``reap`` find leftovers from any process.
 """
@@ -35,6 +44,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import signal
 import socket
 import struct
 import subprocess
@@ -48,6 +58,7 @@ from rayflow.errors import ConfigError, InvalidInputError, RayflowError, Transpo
 from rayflow.sandbox import docker_network
 from rayflow.sandbox.cgroups import Cgroup, find_hierarchies
 from rayflow.sandbox.channel import ChannelSandbox
+from rayflow.sandbox.reaper import Reaper, Ticket
 from rayflow.sandbox.spec import (
     OWNER_LABEL,
     NetworkMode,
@@ -76,6 +87,8 @@ STDERR_TAIL_BYTES = 16 * 1024
 #: Attempts to remove a network whose endpoint the engine has not released yet.
 NETWORK_REMOVE_ATTEMPTS = 20
 NETWORK_REMOVE_PAUSE_S = 0.05
+#: How long ``owned`` and ``reap`` wait for this backend's queued removals before answering.
+OWNED_FLUSH_S = 60.0
 
 
 # --- the attach stream (sans-IO) ------------------------------------------------------------------
@@ -199,7 +212,8 @@ class AttachedContainer:
 
     ``poll`` answers from the stream without asking the engine while the stream is open (the
     runtime is the container's main process, so an open stream means it runs); after the end of
-    the stream it asks the engine once for the exit code.
+    the stream it asks the engine once for the exit code, unless the host killed the container
+    itself (:meth:`killed_by_host`), which ``destroy`` must not wait on an engine round trip for.
     """
 
     def __init__(self, api: Any, container_id: str, sock: socket.socket) -> None:
@@ -213,6 +227,11 @@ class AttachedContainer:
     @property
     def stderr_tail(self) -> bytes:
         return bytes(self.stdout.stderr_tail)
+
+    def killed_by_host(self) -> None:
+        """The host is destroying the container: its exit code is SIGKILL's from now on."""
+        if self._returncode is None:
+            self._returncode = -9
 
     def poll(self) -> int | None:
         import docker
@@ -407,24 +426,47 @@ class DockerSandbox(CgroupJudgedSandbox):
     def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
         return self._channel.ping(timeout_s)
 
+    def destroy(self, wait: bool = False) -> None:
+        """Stop everything in the sandbox now; the engine removes the container in the background.
+
+        On return no process of the sandbox runs and every call fails (see the module docstring).
+        ``wait=True`` also waits until the container, network and rules are gone, and raises the
+        engine's error if the removal gave up.
+        """
+        self._channel.destroy()
+        if wait:
+            self._resources.wait_removed()
+
     def __repr__(self) -> str:
         return f"DockerSandbox(id={self.id!r}, container={self.container_id[:12]!r})"
 
 
 @dataclass
 class _Resources:
-    """What one sandbox holds in the engine and the kernel; released once, in reverse order."""
+    """What one sandbox holds in the engine and the kernel; released once.
+
+    :meth:`release` is the caller's part of a destroy (kill, shut the channel); the engine's part
+    goes to ``reaper`` (or runs inline without one).
+    """
 
     client: Any
     sandbox_id: str
+    reaper: Reaper | None = None
     container_id: str = ""
     network_id: str | None = None
     gateway: str | None = None
     cgroup: Cgroup | None = None
     sock: socket.socket | None = None
+    process: AttachedContainer | None = None
+    #: A pidfd of the container's pid 1, opened once it was known to be that process.
+    init_pidfd: int | None = None
     timer: threading.Timer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: bool = False
+    #: Set once the removal was queued (or, without a reaper, has run).
+    released: threading.Event = field(default_factory=threading.Event)
+    ticket: Ticket | None = None
+    removal_error: BaseException | None = None
 
     def release(self) -> None:
         with self.lock:
@@ -433,12 +475,74 @@ class _Resources:
             self.done = True
         if self.timer is not None and self.timer is not threading.current_thread():
             self.timer.cancel()
-        if self.container_id:
-            remove_container(self.client, self.container_id)
+        if self.process is not None:
+            self.process.killed_by_host()
+        self.kill()
         if self.sock is not None:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
+        try:
+            if self.reaper is None:
+                self.remove()
+            else:
+                self.ticket = self.reaper.submit(self.sandbox_id, self.remove)
+        except BaseException as exc:
+            self.removal_error = exc
+            raise
+        finally:
+            self.released.set()
+
+    def kill(self) -> None:
+        """SIGKILL the container's pid 1, taking its whole pid namespace along; no engine call."""
+        fd, self.init_pidfd = self.init_pidfd, None
+        if fd is None:
+            return
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # exited already
+        except OSError as exc:
+            log.warning("sandbox %s: killing its pid 1 failed (the engine will): %s", self.sandbox_id, exc)
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        """The engine's part: remove the container, then its rules and network (idempotent)."""
+        if self.container_id:
+            remove_container(self.client, self.container_id)
         release_network(self.client, self.sandbox_id, self.network_id)
+
+    def wait_removed(self) -> None:
+        """Block until the removal succeeded; raise its error if it gave up."""
+        self.released.wait()
+        error = self.removal_error
+        if self.ticket is not None:
+            self.ticket.wait()
+            error = self.ticket.error
+        if error is not None:
+            raise RayflowError(
+                f"removing the sandbox's container failed: {error}", sandbox=self.sandbox_id
+            ) from error
+
+
+def open_init_pidfd(pid: int, container_id: str) -> int | None:
+    """A pidfd of ``pid`` if it is the container's process in this pid namespace, else ``None``.
+
+    Checked through ``/proc/<pid>/cgroup`` naming the container, so an engine in another pid
+    namespace (or a reused pid) never gets us a pidfd of an unrelated process.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            if container_id in f.read():
+                return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def remove_container(client: Any, container_id: str) -> None:
@@ -509,7 +613,10 @@ class DockerBackend:
     name = "docker"
     isolated = True
 
-    def __init__(self, client: Any | None = None, *, build_image: bool = True) -> None:
+    def __init__(
+        self, client: Any | None = None, *, build_image: bool = True, reaper: Reaper | None = None
+    ) -> None:
+        """``reaper`` removes destroyed sandboxes from the engine; by default one of the backend's own."""
         import docker
 
         self._own_client = client is None
@@ -517,8 +624,20 @@ class DockerBackend:
         self.build_image = build_image
         self._images_ready: set[str] = set()
         self._image_lock = threading.Lock()
+        self._own_reaper = reaper is None
+        self._reaper = reaper or Reaper("rayflow-docker-reaper")
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every sandbox destroyed so far is removed from the engine (or given up on,
+        and logged); False when ``timeout_s`` passed first."""
+        return self._reaper.flush(timeout_s)
 
     def close(self) -> None:
+        """Finish the removals of destroyed sandboxes, then close the engine client if it is ours."""
+        if self._own_reaper:
+            self._reaper.close()
+        else:
+            self._reaper.flush()
         if self._own_client:
             self.client.close()
 
@@ -553,11 +672,13 @@ class DockerBackend:
 
         self.ensure_image(spec.image)
         sandbox_id = f"dk-{secrets.token_hex(5)}"
-        resources = _Resources(self.client, sandbox_id)
+        resources = _Resources(self.client, sandbox_id, self._reaper)
         try:
             return self._start(spec, sandbox_id, resources)
         except BaseException as exc:
             resources.release()
+            with contextlib.suppress(RayflowError):
+                resources.wait_removed()
             if isinstance(exc, docker.errors.ImageNotFound):
                 with self._image_lock:
                     self._images_ready.discard(spec.image)
@@ -586,6 +707,7 @@ class DockerBackend:
         resources.sock = sock
         self.client.api.start(resources.container_id)
         process = AttachedContainer(self.client.api, resources.container_id, sock)
+        resources.process = process
         labelled = dataclasses.replace(spec, labels=sandbox_labels(spec, sandbox_id))
         channel = ChannelSandbox(sandbox_id, labelled, process, resources.release)
         try:
@@ -598,6 +720,7 @@ class DockerBackend:
             ) from exc
         pid = self.client.api.inspect_container(resources.container_id)["State"].get("Pid") or 0
         resources.cgroup = container_cgroup(pid) if pid else None
+        resources.init_pidfd = open_init_pidfd(pid, resources.container_id) if pid else None
         if network is not None:
             if not pid:
                 channel.destroy()
@@ -640,7 +763,7 @@ class DockerBackend:
         if any(t.loopback for t in targets):
             docker_network.allow_loopback_routing(bridge)
         hub = None
-        if policy.mode is NetworkMode.HUB_ONLY:
+        if policy.hub is not None:
             hub = (docker_network.sandbox_address(targets[0], resources.gateway), targets[0].port)
         return name, hub
 
@@ -654,11 +777,16 @@ class DockerBackend:
         return self.client.api.networks(filters={"label": [f"{BACKEND_LABEL}={BACKEND_NAME}", SANDBOX_LABEL]})
 
     def owned(self) -> list[tuple[str, str]]:
-        """(sandbox id, owner) of every docker sandbox container on this engine, running or not."""
+        """(sandbox id, owner) of every docker sandbox container on this engine, running or not.
+
+        Removals this backend has queued are finished first, so a destroyed sandbox is not listed.
+        """
+        self._reaper.flush(OWNED_FLUSH_S)
         return [(c["Labels"][SANDBOX_LABEL], c["Labels"].get(OWNER_LABEL, "")) for c in self._containers()]
 
     def reap(self, owner_alive: Callable[[str], bool]) -> list[str]:
         """Remove sandboxes whose owner is gone, and networks and rules no container holds any more."""
+        self._reaper.flush(OWNED_FLUSH_S)
         reaped: list[str] = []
         live: set[str] = set()
         for c in self._containers():

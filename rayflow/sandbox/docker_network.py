@@ -20,252 +20,67 @@ Each endpoint is allowed for TCP and UDP alike (the hub speaks QUIC over UDP). W
 endpoint is on loopback the bridge is also made ``internal``: the engine then drops whatever it
 would forward off the bridge, a second fence behind these rules.
 
-The rule sets are pure functions of the bridge, gateway and endpoints (tested without a kernel);
-the few functions at the end run ``iptables``. Rules are found again by their comment tag, so
-removal needs no state and works from any process (``reap``).
+The rule sets and the iptables shell are shared with the local backend
+(:mod:`rayflow.sandbox.netfilter`); this module adds what only Docker needs: the ``DOCKER-USER``
+chain and the engine's embedded DNS. Rules are found again by their comment tag, so removal
+needs no state and works from any process (``reap``).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import shlex
-import shutil
-import socket
 import subprocess
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from rayflow.errors import ConfigError, RayflowError
-from rayflow.sandbox.spec import NetworkPolicy
+from rayflow.errors import RayflowError
+from rayflow.sandbox.netfilter import (
+    MAX_IFNAME,
+    PROTOCOLS,
+    TAG_PREFIX,
+    Rule,
+    Target,
+    allow_loopback_routing,
+    apply,
+    fence,
+    insert_line,
+    internal,
+    listed_ids,
+    remove,
+    resolve,
+    restore_script,
+    sandbox_address,
+    tag,
+    tagged_deletions,
+)
 
-#: Prefix of the comment on every rule; the sandbox id follows it.
-TAG_PREFIX = "rayflow-sandbox="
-PROTOCOLS = ("tcp", "udp")
-#: Longest a network interface name may be (IFNAMSIZ - 1).
-MAX_IFNAME = 15
-
-
-@dataclass(frozen=True)
-class Target:
-    """An allowed endpoint as the packet filter sees it."""
-
-    #: IPv4 address the rule matches on the host side (after address rewriting).
-    address: str
-    port: int
-    #: True when the endpoint is on the host's loopback, reached through the gateway address.
-    loopback: bool
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One packet filter rule: ``iptables -t table -I chain 1 *args`` (v6: ``ip6tables``)."""
-
-    table: str
-    chain: str
-    args: tuple[str, ...]
-    ipv6: bool = False
-
-
-def tag(sandbox_id: str) -> str:
-    return f"{TAG_PREFIX}{sandbox_id}"
-
-
-def resolve(policy: NetworkPolicy) -> list[Target]:
-    """Turn the policy's endpoints into IPv4 targets, resolving host names now (on the host).
-
-    Why resolve at creation: the rules match addresses, and a name resolved later inside the
-    sandbox (which has no DNS server it may reach) could not be followed anyway.
-    """
-    targets: list[Target] = []
-    for endpoint in policy.allow:
-        try:
-            infos = socket.getaddrinfo(endpoint.host, endpoint.port, socket.AF_INET)
-        except OSError as exc:
-            raise ConfigError(f"cannot resolve allowed host {endpoint.host!r}: {exc}") from exc
-        for address in sorted({str(info[4][0]) for info in infos}):
-            ip = ipaddress.IPv4Address(address)
-            targets.append(Target(address, endpoint.port, ip.is_loopback))
-    if not targets:
-        raise ConfigError("the network policy allows no reachable address")
-    return targets
-
-
-def internal(targets: Sequence[Target]) -> bool:
-    """True when no target needs a route out of the host (then the bridge gets none)."""
-    return all(t.loopback for t in targets)
+__all__ = [
+    "EMBEDDED_DNS",
+    "MAX_IFNAME",
+    "PROTOCOLS",
+    "TAG_PREFIX",
+    "Rule",
+    "Target",
+    "allow_loopback_routing",
+    "apply",
+    "block_embedded_dns",
+    "insert_line",
+    "internal",
+    "listed_ids",
+    "remove",
+    "resolve",
+    "restore_script",
+    "rules",
+    "sandbox_address",
+    "tag",
+    "tagged_deletions",
+]
 
 
 def rules(sandbox_id: str, bridge: str, gateway: str, targets: Sequence[Target]) -> list[Rule]:
-    """Every rule of one sandbox, each inserted at the top of its chain in list order.
+    """Every rule of one sandbox's bridge; forwarded traffic is judged in ``DOCKER-USER``.
 
-    Because each is inserted at position 1, a later rule ends up *above* an earlier one: the
-    list therefore starts with the catch-all drops and ends with the specific accepts.
+    Docker's engine masquerades its bridges itself, so the fence adds no address rewriting.
     """
-    if not bridge or len(bridge) > MAX_IFNAME:
-        raise ConfigError(f"invalid bridge name {bridge!r}")
-    comment = ("-m", "comment", "--comment", tag(sandbox_id))
-    out: list[Rule] = [
-        Rule("filter", "INPUT", ("-i", bridge, *comment, "-j", "DROP")),
-        Rule("filter", "DOCKER-USER", ("-o", bridge, *comment, "-j", "DROP")),
-        Rule("filter", "DOCKER-USER", ("-i", bridge, *comment, "-j", "DROP")),
-        Rule("filter", "INPUT", ("-i", bridge, *comment, "-j", "DROP"), ipv6=True),
-        Rule("filter", "FORWARD", ("-i", bridge, *comment, "-j", "DROP"), ipv6=True),
-        Rule("filter", "FORWARD", ("-o", bridge, *comment, "-j", "DROP"), ipv6=True),
-    ]
-    if not internal(targets):
-        out.append(
-            Rule(
-                "filter",
-                "DOCKER-USER",
-                (
-                    "-o",
-                    bridge,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "RELATED,ESTABLISHED",
-                    *comment,
-                    "-j",
-                    "ACCEPT",
-                ),
-            )
-        )
-    for target in targets:
-        for proto in PROTOCOLS:
-            match = ("-p", proto, "-d", target.address, "--dport", str(target.port))
-            if target.loopback:
-                dnat = ("-p", proto, "-d", gateway, "--dport", str(target.port))
-                to = f"{target.address}:{target.port}"
-                out.append(
-                    Rule(
-                        "nat",
-                        "PREROUTING",
-                        ("-i", bridge, *dnat, *comment, "-j", "DNAT", "--to-destination", to),
-                    )
-                )
-                out.append(Rule("filter", "INPUT", ("-i", bridge, *match, *comment, "-j", "ACCEPT")))
-            else:
-                out.append(Rule("filter", "DOCKER-USER", ("-i", bridge, *match, *comment, "-j", "ACCEPT")))
-    return out
-
-
-def sandbox_address(target: Target, gateway: str) -> str:
-    """Where the sandbox sends packets for ``target``: the gateway for loopback endpoints."""
-    return gateway if target.loopback else target.address
-
-
-_TAG_PATTERN = re.compile(r'--comment "?' + re.escape(TAG_PREFIX) + r'([A-Za-z0-9_.-]+)"?(?:\s|$)')
-
-
-def tagged_deletions(dump: str, wanted: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
-    """(sandbox id, table, ``-D`` line) for each tagged rule in an ``iptables-save`` dump.
-
-    ``wanted`` limits the result to those sandbox ids; ``None`` means every tagged rule. A saved
-    ``-A`` line with ``-A`` turned into ``-D`` deletes exactly that rule when restored.
-    """
-    keep = None if wanted is None else set(wanted)
-    out = []
-    table = ""
-    for line in dump.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-            continue
-        if not line.startswith("-A ") or not table:
-            continue
-        found = _TAG_PATTERN.search(line)
-        if found is None:
-            continue
-        sandbox_id = found.group(1)
-        if keep is None or sandbox_id in keep:
-            out.append((sandbox_id, table, "-D " + line[3:]))
-    return out
-
-
-def restore_script(lines: Iterable[tuple[str, str]]) -> str:
-    """An ``iptables-restore --noflush`` input applying (table, rule line) pairs, one commit per table."""
-    tables: dict[str, list[str]] = {}
-    for table, line in lines:
-        tables.setdefault(table, []).append(line)
-    return "".join(
-        f"*{table}\n" + "".join(f"{line}\n" for line in body) + "COMMIT\n" for table, body in tables.items()
-    )
-
-
-def insert_line(rule: Rule) -> str:
-    return shlex.join(["-I", rule.chain, "1", *rule.args])
-
-
-# --- the shell: running iptables ----------------------------------------------------------------
-def _tool(ipv6: bool, action: str) -> str | None:
-    """Path of ``iptables-save``/``iptables-restore`` (``ip6tables-*`` for IPv6), if installed."""
-    return shutil.which(f"{'ip6tables' if ipv6 else 'iptables'}-{action}")
-
-
-def _restore(ipv6: bool, script: str) -> subprocess.CompletedProcess[str] | None:
-    tool = _tool(ipv6, "restore")
-    if tool is None or not script:
-        return None
-    return subprocess.run(
-        [tool, "-w", "--noflush"], input=script, capture_output=True, text=True, timeout=30, check=False
-    )
-
-
-def apply(rule_list: Sequence[Rule]) -> None:
-    """Insert ``rule_list``, one atomic commit per table; IPv6 rules only where ip6tables works.
-
-    Why ``iptables-restore``: one process for all of a sandbox's rules instead of one per rule
-    (each costs ~10 ms), and a table's rules land together or not at all.
-    """
-    if _tool(False, "restore") is None:
-        raise ConfigError("hub-only and allow-list docker sandboxes need iptables-restore on PATH")
-    for ipv6 in (False, True):
-        script = restore_script((r.table, insert_line(r)) for r in rule_list if r.ipv6 is ipv6)
-        done = _restore(ipv6, script)
-        if done is not None and done.returncode != 0 and not ipv6:
-            raise RayflowError(f"iptables refused the sandbox's rules: {done.stderr.strip()}")
-
-
-def _dump(ipv6: bool) -> str:
-    tool = _tool(ipv6, "save")
-    if tool is None:
-        return ""
-    done = subprocess.run([tool], capture_output=True, text=True, timeout=30, check=False)
-    return done.stdout if done.returncode == 0 else ""
-
-
-def listed_ids() -> set[str]:
-    """Ids of every sandbox that still has rules."""
-    return {sandbox_id for ipv6 in (False, True) for sandbox_id, _, _ in tagged_deletions(_dump(ipv6))}
-
-
-def remove(sandbox_ids: Iterable[str]) -> int:
-    """Delete every rule tagged with one of ``sandbox_ids``; returns how many were deleted."""
-    wanted = set(sandbox_ids)
-    deleted = 0
-    for ipv6 in (False, True) if wanted else ():
-        found = tagged_deletions(_dump(ipv6), wanted)
-        done = _restore(ipv6, restore_script((table, line) for _, table, line in found))
-        if done is None or done.returncode == 0:
-            deleted += len(found)
-            continue
-        # One rule vanished meanwhile (another process removing the same sandbox) and the
-        # table's commit failed whole: delete the rest one by one.
-        binary = shutil.which("ip6tables" if ipv6 else "iptables")
-        for _, table, line in found if binary else ():
-            one = subprocess.run(
-                [binary, "-w", "-t", table, *shlex.split(line)], capture_output=True, timeout=30, check=False
-            )
-            deleted += one.returncode == 0
-    return deleted
-
-
-def allow_loopback_routing(bridge: str) -> None:
-    """Let packets rewritten to a loopback address be routed when they arrive on ``bridge``."""
-    if "/" in bridge or bridge.startswith("."):
-        raise ConfigError(f"invalid bridge name {bridge!r}")
-    with open(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet", "w") as f:
-        f.write("1")
+    return fence(sandbox_id, bridge, gateway, targets, forward_chain="DOCKER-USER")
 
 
 #: Docker's embedded DNS server inside containers on user-defined networks.

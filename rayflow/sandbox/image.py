@@ -8,12 +8,16 @@ imports it as an image; no base image is pulled. Where a registry is reachable,
 Why a hash label: building costs tens of seconds, so an image is rebuilt only when what it
 would ship changed. The hash covers the build recipe and parameters and the bytes of every
 shipped rayflow file; it is stored as the label ``rayflow.image-hash`` and compared before
-building. The image holds only ``rayflow/__init__.py``, ``rayflow/errors.py``, ``rayflow/framing.py`` and
-``rayflow/agent/`` of rayflow: the runtime must not drag the memory or hub code into sandboxes.
+building. Of rayflow the image holds the runtime (``rayflow/__init__.py``, ``errors.py``,
+``framing.py`` and ``rayflow/agent/``) and, by default, the client side of the hub (the hub
+client, its op table and wire conversions, the plain memory records and the RPC layer): agents
+reach the ReasoningBank through ``AgentContext.memory``, but the bank itself, its index and the
+token machinery never enter a sandbox.
 
-The hub-client packages (aioquic and its dependencies, numpy) are optional. They are copied
-from this machine's Python environment when its minor version matches the image's Python
-(wheels are compiled per minor version), otherwise fetched as wheels with pip.
+The hub client's third-party packages (aioquic and its dependencies; msgpack comes from Debian)
+are copied from this machine's Python environment when its minor version matches the image's
+Python (wheels are compiled per minor version), otherwise fetched as wheels with pip. Building
+without them (``with_hub_client=False``) gives a smaller image whose agents cannot use memory.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ HUB_CLIENT_LABEL = "rayflow.hub-client"
 PYTHON_LABEL = "rayflow.python-version"
 
 #: Bump whenever a change to this module changes what lands in the image.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 METHODS = ("debootstrap", "dockerfile")
 
 AGENT_USER = "agent"
@@ -61,11 +65,38 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: Where pip-style packages go in the image: Debian's python3 searches it before its own.
 LOCAL_SITE = f"usr/local/lib/python{IMAGE_PYTHON[0]}.{IMAGE_PYTHON[1]}/dist-packages"
 
-#: Top-level requirements of the hub client; their dependencies are followed.
-HUB_CLIENT_REQUIREMENTS = ("aioquic", "numpy")
-#: Whether builds include them unless told otherwise. Off because they more than double the
-#: image's Python payload: about 117 MB without them, about 190 MB with them.
-DEFAULT_WITH_HUB_CLIENT = False
+#: Top-level requirements of the hub client; their dependencies are followed. (msgpack, its
+#: other one, is Debian's python3-msgpack, already there for the runtime.)
+HUB_CLIENT_REQUIREMENTS = ("aioquic",)
+#: Whether builds include the hub client unless told otherwise. On, because an agent's
+#: ``context.memory`` is the point of a sandbox that may reach a hub; it adds about 21 MB
+#: (``docker images``: 117 MB without, 138 MB with).
+DEFAULT_WITH_HUB_CLIENT = True
+
+#: rayflow files (relative to the package) of the in-sandbox runtime, besides ``agent/``: the
+#: swarm's light records and the pieces its sandboxed steps use (pattern B), and the agents that
+#: run in sandboxes (``agents/``: the demo's fixer, the coordinator's steps).
+RUNTIME_FILES = (
+    "__init__.py",
+    "errors.py",
+    "framing.py",
+    "swarm/__init__.py",
+    "swarm/globbing.py",
+    "swarm/model.py",
+    "swarm/synthesis.py",
+)
+RUNTIME_TREES = ("agent", "agents")
+#: rayflow files and trees of the hub client: what ``import rayflow.hub.client`` loads. The
+#: ``rpc`` package is shipped whole because its ``__init__`` imports every module of it.
+HUB_CLIENT_FILES = (
+    "hub/__init__.py",
+    "hub/client.py",
+    "hub/ops.py",
+    "hub/wire.py",
+    "memory/__init__.py",
+    "memory/models.py",
+)
+HUB_CLIENT_TREES = ("rpc",)
 
 #: Paths of the root filesystem no sandbox needs: package caches and lists, documentation,
 #: translations; together about half of a fresh debootstrap.
@@ -122,23 +153,28 @@ def package_root() -> Path:
     return Path(rayflow.__file__).resolve().parent
 
 
-def shipped_files(source_dir: Path) -> list[tuple[str, Path]]:
+def shipped_files(
+    source_dir: Path, *, with_hub_client: bool = DEFAULT_WITH_HUB_CLIENT
+) -> list[tuple[str, Path]]:
     """(path inside the image's ``rayflow`` package, host file) of every shipped file, sorted.
 
-    Only the runtime's own tree plus the package marker and the error hierarchy it raises:
-    compiled caches are left out because the image compiles its own.
+    The runtime's own tree plus the package marker, the error hierarchy and the framing it uses;
+    with the hub client also the client's modules (``HUB_CLIENT_FILES``, ``HUB_CLIENT_TREES``).
+    Compiled caches are left out because the image compiles its own.
     """
     agent_dir = source_dir / "agent"
     if not (agent_dir / "__init__.py").is_file():
         raise ConfigError(f"no in-sandbox runtime at {agent_dir} (rayflow/agent/__init__.py is missing)")
-    files = [
-        ("__init__.py", source_dir / "__init__.py"),
-        ("errors.py", source_dir / "errors.py"),
-        ("framing.py", source_dir / "framing.py"),
-    ]
-    for path in sorted(agent_dir.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
-            files.append((path.relative_to(source_dir).as_posix(), path))
+    names = list(RUNTIME_FILES)
+    trees = list(RUNTIME_TREES)
+    if with_hub_client:
+        names += HUB_CLIENT_FILES
+        trees += HUB_CLIENT_TREES
+    files = [(name, source_dir / name) for name in names]
+    for tree in trees:
+        for path in sorted((source_dir / tree).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
+                files.append((path.relative_to(source_dir).as_posix(), path))
     for _, path in files:
         if not path.is_file():
             raise ConfigError(f"shipped file {path} is missing")
@@ -277,7 +313,7 @@ def expected_hash(method: str, with_hub_client: bool, source_dir: Path | None = 
     """Hash a build with these parameters would label its image with."""
     if method not in METHODS:
         raise ConfigError(f"unknown image build method {method!r} (known: {', '.join(METHODS)})")
-    files = shipped_files(source_dir or package_root())
+    files = shipped_files(source_dir or package_root(), with_hub_client=with_hub_client)
     dists = hub_client_distributions() if with_hub_client and _can_copy_host_wheels() else None
     dockerfile = _dockerfile_path().read_bytes() if method == "dockerfile" else b""
     return image_hash(
@@ -424,7 +460,7 @@ def _pip_download_distributions(site: Path, work: Path) -> None:
 
 
 def _prune_test_suites(site: Path) -> None:
-    """Delete the test suites third-party packages ship (numpy's alone are about 15 MB)."""
+    """Delete the test suites third-party packages ship (they are dead weight in a sandbox)."""
     for path in sorted(site.rglob("tests"), key=lambda p: len(p.parts)):
         if path.is_dir() and path.exists() and path.relative_to(site).parts[0] != "rayflow":
             shutil.rmtree(path)
@@ -705,7 +741,7 @@ def build_sandbox_image(
     one); ``mirror`` the Debian archive (default: the one apt uses here).
     """
     report: ProgressCallback = progress or (lambda message, fraction: None)
-    files = shipped_files(source_dir or package_root())
+    files = shipped_files(source_dir or package_root(), with_hub_client=with_hub_client)
     wanted = expected_hash(method, with_hub_client, source_dir)
     own_client = client is None
     client = client or _client()

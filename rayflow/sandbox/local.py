@@ -6,7 +6,9 @@ Each sandbox is one ``bwrap`` process tree running the in-sandbox runtime
 Isolation, and why each piece:
 
 * New mount, pid, ipc, uts, cgroup and network namespaces: the sandbox sees its own processes
-  only, and no network interface but loopback.
+  only, and no network interface but loopback. A ``hub-only`` or ``allow-list`` sandbox instead
+  starts in a network namespace of its own wired to the host by one fenced veth pair
+  (:mod:`rayflow.sandbox.local_network`), which lets it reach the allowed endpoints only.
 * The host filesystem is *not* bound whole: only ``/usr`` (and the ``/bin``, ``/lib*`` links),
   a short list of harmless ``/etc`` files, the Python installation, and the two packages the
   runtime needs (``rayflow`` and ``msgpack``) under ``/opt/rayflow/lib``. Home directories, the
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from rayflow.errors import ConfigError, RayflowError
+from rayflow.sandbox import local_network, netfilter
 from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.cgroups import Cgroup, CgroupUnavailableError, remove_dirs
 from rayflow.sandbox.spec import (
@@ -80,10 +83,11 @@ ETC_FILES = (
     "/etc/services",
     "/etc/ssl",
 )
-#: Runs the runtime with isolated, site-free start-up (the venv's ``.pth`` hooks cost ~13 ms).
+#: Runs the runtime with isolated, site-free start-up (the venv's ``.pth`` hooks cost ~13 ms),
+#: calling its ``main`` directly (``runpy`` and what it imports cost ~4 ms more).
 BOOTSTRAP = (
-    f"import sys; sys.path.insert(0, {SANDBOX_LIB!r}); import runpy; "
-    "runpy.run_module('rayflow.agent', run_name='__main__', alter_sys=True)"
+    f"import sys; sys.path.insert(0, {SANDBOX_LIB!r}); "
+    "from rayflow.agent.__main__ import main; sys.exit(main())"
 )
 HOSTNAME = "sandbox"
 
@@ -203,17 +207,17 @@ def plan_limits(limits: Limits, cgroup_applied: Sequence[str] | None) -> LimitsP
 
 
 # --- argv -------------------------------------------------------------------------------------
-def check_network(spec: SandboxSpec) -> None:
-    """Refuse network modes this backend cannot enforce."""
-    if spec.network.mode is not NetworkMode.NONE:
+def check_network(spec: SandboxSpec, netns: str | None = None) -> None:
+    """Refuse a networked spec unless it starts in a prepared network namespace (``netns``)."""
+    if spec.network.mode is not NetworkMode.NONE and netns is None:
         raise ConfigError(
-            f"the local backend supports only network mode 'none', not {spec.network.mode.value!r}; "
-            "use the docker backend for hub-only or allow-list sandboxes"
+            "without a network namespace of its own the local backend enforces only network mode "
+            f"'none', not {spec.network.mode.value!r}"
         )
 
 
-def sandbox_env(spec: SandboxSpec, layout: HostLayout) -> dict[str, str]:
-    """The runtime's whole environment: a small fixed base, then the spec's variables."""
+def sandbox_env(spec: SandboxSpec, layout: HostLayout, hub: tuple[str, int] | None = None) -> dict[str, str]:
+    """The runtime's whole environment: a small fixed base, the hub as the sandbox reaches it, the spec's."""
     env = {
         "PATH": f"{layout.python_prefix}/bin:/usr/local/bin:/usr/bin:/bin",
         "HOME": spec.workdir,
@@ -222,6 +226,8 @@ def sandbox_env(spec: SandboxSpec, layout: HostLayout) -> dict[str, str]:
         "USER": "sandbox",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if hub is not None:
+        env["RAYFLOW_HUB_HOST"], env["RAYFLOW_HUB_PORT"] = hub[0], str(hub[1])
     env.update(spec.env)
     return env
 
@@ -262,16 +268,24 @@ def bwrap_argv(
     plan: LimitsPlan,
     bwrap: str = "bwrap",
     command: Sequence[str] | None = None,
+    netns: str | None = None,
+    hub: tuple[str, int] | None = None,
 ) -> list[str]:
     """The full command line that starts the runtime of ``spec`` isolated by ``bwrap``.
 
     ``command`` replaces the runtime (used to probe the isolation with plain commands).
+    ``netns`` is the path of a prepared network namespace for a networked spec: ``bwrap`` is
+    started inside it (``nsenter``) and keeps it instead of unsharing an empty one; ``hub`` is
+    the hub's address as seen from there, passed to the runtime's environment.
 
     Order matters: bwrap performs mount operations in argument order, so the tmpfs mounts come
     before the spec's mounts (which may target paths inside them).
     """
-    check_network(spec)
-    argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
+    check_network(spec, netns)
+    argv = [] if netns is None else ["nsenter", f"--net={netns}"]
+    argv += [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-uts"]
+    if netns is None:
+        argv.append("--unshare-net")
     argv += ["--unshare-cgroup-try", "--hostname", HOSTNAME, "--die-with-parent", "--new-session"]
     if layout.privileged:
         # Kept only so setpriv can switch to the sandbox uid; the switch clears them for good.
@@ -320,7 +334,7 @@ def bwrap_argv(
         kind = "--ro-bind" if mount.read_only else "--bind"
         argv += [*parents_of(mount.target), kind, mount.source, mount.target]
     argv += ["--chdir", spec.workdir, "--clearenv"]
-    for key, value in sandbox_env(spec, layout).items():
+    for key, value in sandbox_env(spec, layout, hub).items():
         argv += ["--setenv", key, value]
     argv += ["--info-fd", str(fds.info), "--block-fd", str(fds.block), "--"]
     if layout.privileged:
@@ -356,6 +370,8 @@ class Record:
     init_start_ticks: int
     uid: int
     cgroups: tuple[str, ...] = ()
+    #: True when the sandbox has a network namespace, veth pair and rules (named after its id).
+    network: bool = False
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -398,9 +414,11 @@ def kill_processes(record: Record) -> None:
 
 
 def kill_record(record: Record) -> None:
-    """Kill everything of a sandbox from its record, then remove its groups."""
+    """Kill everything of a sandbox from its record, then remove its groups and network."""
     kill_processes(record)
     remove_dirs(list(record.cgroups))
+    if record.network:
+        local_network.destroy(record.id)
 
 
 def default_registry_dir() -> Path:
@@ -443,6 +461,7 @@ class Registry:
             _alive(record.pid, record.start_ticks)
             or _alive(record.init_pid, record.init_start_ticks)
             or any(os.path.isdir(p) for p in record.cgroups)
+            or (record.network and local_network.exists(record.id))
         )
 
 
@@ -454,11 +473,29 @@ class LocalSandbox(CgroupJudgedSandbox):
     command died of the memory limit (the kernel's OOM counter) or hit the pids limit.
     """
 
-    def __init__(self, channel: Sandbox, cgroup: Cgroup | None, plan: LimitsPlan, uid: int) -> None:
+    def __init__(
+        self,
+        channel: Sandbox,
+        cgroup: Cgroup | None,
+        plan: LimitsPlan,
+        uid: int,
+        link: local_network.Link | None = None,
+    ) -> None:
         super().__init__(channel)
         self._cgroup = cgroup
         self.plan = plan
         self.uid = uid
+        self._link = link
+
+    @property
+    def network_gateway(self) -> str | None:
+        """The host end's address, where the sandbox reaches loopback endpoints (``None``: no network)."""
+        return self._link.host_address if self._link else None
+
+    @property
+    def network_address(self) -> str | None:
+        """The sandbox's own address on its veth pair (``None``: no network)."""
+        return self._link.sandbox_address if self._link else None
 
     @property
     def limits_applied(self) -> dict[str, str]:
@@ -467,7 +504,6 @@ class LocalSandbox(CgroupJudgedSandbox):
 
     def kill_counters(self) -> KillCounters | None:
         return self._cgroup
-
 
 
 def cgroup_stats(cgroup: Cgroup | None) -> SandboxStats:
@@ -515,6 +551,7 @@ class _Live:
     cgroup: Cgroup | None
     registry: Registry
     plan: LimitsPlan
+    link: local_network.Link | None = None
     timer: threading.Timer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: bool = False
@@ -539,6 +576,8 @@ class _Live:
                 with contextlib.suppress(OSError):
                     stream.close()
         remove_dirs(list(self.record.cgroups))
+        if self.record.network:
+            local_network.destroy(self.record.id)
         self.registry.remove(self.record.id)
 
 
@@ -579,6 +618,7 @@ class LocalBackend:
         bwrap: str | None = None,
         layout: HostLayout | None = None,
         channel_factory: ChannelFactory | None = None,
+        network_pool: str = local_network.DEFAULT_POOL,
     ) -> None:
         found = bwrap or shutil.which("bwrap")
         if not found:
@@ -587,6 +627,7 @@ class LocalBackend:
         self.layout = layout or HostLayout.discover()
         self.registry = Registry(registry_dir or default_registry_dir())
         self.use_cgroups = use_cgroups
+        self.network_pool = network_pool
         self._channel_factory = channel_factory
         warm_bytecode(self.layout)
 
@@ -596,7 +637,9 @@ class LocalBackend:
             "backend": self.name,
             "bwrap": self.bwrap,
             "uid": "per-sandbox host uid" if self.layout.privileged else "user namespace",
-            "network_modes": [NetworkMode.NONE.value],
+            "network_modes": [m.value for m in NetworkMode]
+            if local_network.available() is None
+            else [NetworkMode.NONE.value],
             "cgroups": self.use_cgroups,
             "python": self.layout.python,
             "registry": str(self.registry.directory),
@@ -626,7 +669,7 @@ class LocalBackend:
         except BaseException:
             live.teardown()
             raise
-        sandbox = LocalSandbox(channel, cgroup, live.plan, live.record.uid)
+        sandbox = LocalSandbox(channel, cgroup, live.plan, live.record.uid, live.link)
         if spec.limits.wall_time_s is not None:
             live.timer = threading.Timer(spec.limits.wall_time_s, sandbox.destroy)
             live.timer.daemon = True
@@ -674,19 +717,41 @@ class LocalBackend:
         ``command`` ``None`` starts the runtime with the channel on stdin/stdout; a command gets
         pipes for its stdin, stdout and stderr.
         """
-        check_network(spec)
+        networked = spec.network.mode is not NetworkMode.NONE
+        targets: list[netfilter.Target] = []
+        if networked:
+            why = local_network.available()
+            if why is not None:
+                raise ConfigError(why)
+            targets = netfilter.resolve(spec.network)
         sandbox_id = f"rf-{secrets.token_hex(6)}"
         cgroup: Cgroup | None = None
         if self.use_cgroups:
             with contextlib.suppress(CgroupUnavailableError):
                 cgroup = Cgroup.create(f"rayflow-{sandbox_id}", spec.limits)
         plan = plan_limits(spec.limits, cgroup.applied if cgroup else None)
+        uid = self._new_uid()
         try:
-            return self._spawn(spec, sandbox_id, self._new_uid(), cgroup, plan, command)
+            link: local_network.Link | None = None
+            netns: str | None = None
+            hub: tuple[str, int] | None = None
+            if networked:
+                # Registered before the namespace exists: a creator killed at any later point
+                # leaves a record that ``reap`` follows to the namespace and the rules.
+                cgroups = tuple(cgroup.paths) if cgroup else ()
+                self.registry.add(Record(sandbox_id, spec.owner, 0, 0, 0, 0, uid, cgroups, network=True))
+                link = local_network.create(sandbox_id, targets, self.network_pool)
+                netns, hub = link.netns_path, local_network.hub_endpoint(spec.network, targets, link)
+            live = self._spawn(spec, sandbox_id, uid, cgroup, plan, command, netns=netns, hub=hub)
+            live.link = link
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
+            if networked:
+                local_network.destroy(sandbox_id)
+                self.registry.remove(sandbox_id)
             raise
+        return live
 
     def _spawn(
         self,
@@ -696,6 +761,9 @@ class LocalBackend:
         cgroup: Cgroup | None,
         plan: LimitsPlan,
         command: list[str] | None,
+        *,
+        netns: str | None = None,
+        hub: tuple[str, int] | None = None,
     ) -> _Live:
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
@@ -703,7 +771,15 @@ class LocalBackend:
         passwd_r, group_r = _pipe_with(passwd), _pipe_with(group)
         child_fds = ArgvFds(info=info_w, block=block_r, passwd=passwd_r, group=group_r)
         argv = bwrap_argv(
-            spec, self.layout, uid=uid, fds=child_fds, plan=plan, bwrap=self.bwrap, command=command
+            spec,
+            self.layout,
+            uid=uid,
+            fds=child_fds,
+            plan=plan,
+            bwrap=self.bwrap,
+            command=command,
+            netns=netns,
+            hub=hub,
         )
         try:
             process = subprocess.Popen(
@@ -738,6 +814,7 @@ class LocalBackend:
                 init_start_ticks=proc_start_ticks(init_pid) or 0,
                 uid=uid,
                 cgroups=tuple(cgroup.paths) if cgroup else (),
+                network=netns is not None,
             )
             self.registry.add(record)
         except BaseException:

@@ -146,7 +146,12 @@ class ProcessBackend:
     # --- internals --------------------------------------------------------------------------
     def _environment(self, spec: SandboxSpec, workdir: str) -> dict[str, str]:
         package_root = str(Path(rayflow.__file__).resolve().parent.parent)
-        env = dict(spec.env)
+        env: dict[str, str] = {}
+        hub = spec.network.hub
+        if hub is not None:
+            # The host's own network: the hub is reached where it listens.
+            env["RAYFLOW_HUB_HOST"], env["RAYFLOW_HUB_PORT"] = hub.host, str(hub.port)
+        env.update(spec.env)
         env.update(
             {
                 "PATH": spec.env.get("PATH", MINIMAL_PATH),

@@ -70,6 +70,9 @@ class NetworkPolicy:
     mode: NetworkMode = NetworkMode.NONE
     #: For ``HUB_ONLY``: the hub; for ``ALLOW_LIST``: every reachable endpoint.
     allow: tuple[Endpoint, ...] = ()
+    #: For ``ALLOW_LIST``: the first endpoint is the hub (its address is given to the sandbox as
+    #: ``RAYFLOW_HUB_HOST``/``PORT``, as in ``HUB_ONLY``), the others are further services.
+    hub_first: bool = False
 
     def __post_init__(self) -> None:
         mode = NetworkMode(self.mode)
@@ -80,6 +83,15 @@ class NetworkPolicy:
             raise ConfigError("network mode 'hub-only' takes exactly the hub's endpoint")
         if mode is NetworkMode.ALLOW_LIST and not self.allow:
             raise ConfigError("network mode 'allow-list' needs at least one endpoint")
+        if self.hub_first and mode is not NetworkMode.ALLOW_LIST:
+            raise ConfigError("hub_first only applies to network mode 'allow-list'")
+
+    @property
+    def hub(self) -> Endpoint | None:
+        """The hub's endpoint, when the policy names one."""
+        if self.mode is NetworkMode.HUB_ONLY or self.hub_first:
+            return self.allow[0]
+        return None
 
     @classmethod
     def none(cls) -> NetworkPolicy:
@@ -88,6 +100,14 @@ class NetworkPolicy:
     @classmethod
     def hub_only(cls, host: str, port: int) -> NetworkPolicy:
         return cls(NetworkMode.HUB_ONLY, (Endpoint(host, port),))
+
+    @classmethod
+    def hub_and(cls, host: str, port: int, *others: tuple[str, int]) -> NetworkPolicy:
+        """The hub plus further endpoints (a model API, a package mirror)."""
+        endpoints = (Endpoint(host, port), *(Endpoint(h, p) for h, p in others))
+        if not others:
+            return cls(NetworkMode.HUB_ONLY, endpoints)
+        return cls(NetworkMode.ALLOW_LIST, endpoints, hub_first=True)
 
     @classmethod
     def allow_list(cls, *endpoints: tuple[str, int]) -> NetworkPolicy:

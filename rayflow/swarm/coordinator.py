@@ -72,6 +72,8 @@ class RunStats:
     ok: int = 0
     peak_in_flight: int = 0
     workers_ready: int = 0
+    #: Peak resident memory of the coordinator's process (bytes), taken when the run ends.
+    peak_rss_bytes: int = 0
     errors: list[str] = field(default_factory=list)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -211,6 +210,8 @@ class Job:
     matts: Matts | None = None
     #: Lifetime of each sandbox's token; workers refresh it before it runs out.
     token_ttl_s: int = 900
+    #: Further (host, port) endpoints the sandboxes may reach besides the hub (a model API...).
+    allow: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         name = self.name or f"job-{new_id()[:12].lower()}"
@@ -219,6 +220,7 @@ class Job:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "pattern", Pattern(self.pattern))
         object.__setattr__(self, "memory_namespaces", tuple(self.memory_namespaces))
+        object.__setattr__(self, "allow", tuple((str(h), int(p)) for h, p in self.allow))
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.workers < 1 or self.max_dispatches < 1:
@@ -240,8 +242,14 @@ class Job:
         """Hub namespace where workers record each subtask's result."""
         return f"swarm/{self.name}"
 
+    @property
+    def results_scope(self) -> str:
+        """Token namespace pattern covering the results namespace and everything below it."""
+        return f"{self.results_namespace}/*"
+
     def token_namespaces(self) -> list[str]:
-        return [self.results_namespace, *self.memory_namespaces]
+        """Namespace patterns of a worker's token: the job's results, plus the shared memory namespaces."""
+        return [self.results_scope, *self.memory_namespaces]
 
     def with_name(self, name: str) -> Job:
         return replace(self, name=name)

@@ -12,9 +12,11 @@ with that sandbox's token. Workers are sandboxed in both.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -100,8 +102,10 @@ class JobRunner:
         plan = WorkerPlan.for_job(job, self._hub.access if self._hub is not None else None)
         try:
             if job.pattern is Pattern.FULL_SANDBOX:
-                self._start_step_sandbox(plan, log_file)
-            subtasks = self._decompose(log_file)
+                # Lazy: the coordinator's sandbox starts and decomposes while the workers provision.
+                subtasks: Iterator[Subtask] = self._decompose_in_sandbox(plan, log_file)
+            else:
+                subtasks = self._decompose(log_file)
             self.coordinator = Coordinator(
                 self._make_fleet(plan),
                 log_file,
@@ -112,12 +116,13 @@ class JobRunner:
                 worker_prefix=f"{job.name}-w",
             )
             stats = self.coordinator.run(subtasks)
+            stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             if self._collect_garbage is not None:
                 reaped = self._collect_garbage()
                 if reaped:
                     log.info("reaped %d sandboxes of lost workers", len(reaped))
             report = self._synthesize(log_file)
-            log_file.set_meta(finished_at=self._clock())
+            log_file.set_meta(finished_at=self._clock(), coordinator=dataclasses.asdict(stats))
             return JobOutcome(job.name, job.pattern.value, str(self.results_path), log_file.summary(), report, stats)
         finally:
             self._close()
@@ -156,20 +161,25 @@ class JobRunner:
         return result, events
 
     def _decompose(self, log_file: ResultsLog) -> Iterator[Subtask]:
+        """Pattern A: decompose here; the first subtask is taken now so the span covers listing the work."""
         job = self.job
         started = self._clock()
-        if job.pattern is Pattern.FULL_SANDBOX:
-            task = {"decomposition": decomposition_to_wire(job.decomposition), "job_task": dict(job.task)}
-            result, _ = self._run_step(DECOMPOSE_STEP, task)
-            if not isinstance(result.value, list):
-                raise RayflowError("the decompose step returned no list of tasks")
-            subtasks: Iterator[Subtask] = iter_subtasks(job.name, result.value)
-        else:
-            subtasks = iter_subtasks(job.name, iter_task_payloads(job.decomposition, job.task))
-        # The first subtask is taken now so the decompose span covers listing the work.
+        subtasks = iter_subtasks(job.name, iter_task_payloads(job.decomposition, job.task))
         first = next(subtasks, None)
         log_file.append_event(PhaseEvent(Phase.DECOMPOSE, COORDINATOR, started, self._clock(), job.name))
         return iter(()) if first is None else itertools.chain([first], subtasks)
+
+    def _decompose_in_sandbox(self, plan: WorkerPlan, log_file: ResultsLog) -> Iterator[Subtask]:
+        """Pattern B: start the coordinator's sandbox and run the decompose step there, on first use."""
+        job = self.job
+        self._start_step_sandbox(plan, log_file)
+        started = self._clock()
+        task = {"decomposition": decomposition_to_wire(job.decomposition), "job_task": dict(job.task)}
+        result, _ = self._run_step(DECOMPOSE_STEP, task)
+        if not isinstance(result.value, list):
+            raise RayflowError("the decompose step returned no list of tasks")
+        log_file.append_event(PhaseEvent(Phase.DECOMPOSE, COORDINATOR, started, self._clock(), job.name))
+        yield from iter_subtasks(job.name, result.value)
 
     def _synthesize(self, log_file: ResultsLog) -> str:
         started = self._clock()
@@ -196,7 +206,7 @@ class JobRunner:
             from rayflow.hub.client import SyncHubClient
 
             assert self._hub is not None
-            token = self._hub.mint(f"{COORDINATOR}-{self.job.name}", [self.job.results_namespace],
+            token = self._hub.mint(f"{COORDINATOR}-{self.job.name}", [self.job.results_scope],
                                    self.job.token_ttl_s)
             access = self._hub.access
             self._client = SyncHubClient(access.host, access.port, ca_pem=access.ca_pem, token=token)

@@ -76,7 +76,12 @@ class WorkerPlan:
 
     @classmethod
     def for_job(cls, job: Job, hub: HubAccess | None) -> WorkerPlan:
-        network = NetworkPolicy.hub_only(hub.host, hub.port) if hub is not None else NetworkPolicy.none()
+        if hub is not None:
+            network = NetworkPolicy.hub_and(hub.host, hub.port, *job.allow)
+        elif job.allow:
+            network = NetworkPolicy.allow_list(*job.allow)
+        else:
+            network = NetworkPolicy.none()
         env = {"RAYFLOW_HUB_CA": hub.ca_pem.decode()} if hub is not None else {}
         spec = SandboxSpec(
             image=job.image,
@@ -97,6 +102,11 @@ class WorkerPlan:
             memory=job.memory and hub is not None,
             results_namespace=job.results_namespace,
         )
+
+
+def sandbox_profile(spec: SandboxSpec) -> tuple[object, ...]:
+    """What makes two sandboxes interchangeable for a warm worker: image, limits, network, env, mounts."""
+    return (spec.image, spec.limits, spec.network, tuple(sorted(spec.env.items())), spec.mounts, spec.workdir)
 
 
 def agent_launcher_argv(identity: Mapping[str, Any], *args: str) -> list[str]:
@@ -221,6 +231,28 @@ class WorkerCore:
             self.close()
             raise
         return [PhaseEvent(Phase.PROVISION, self.worker_id, started, self._clock(), sandbox.id)]
+
+    def adopt(self, plan: WorkerPlan, worker_id: str) -> list[PhaseEvent]:
+        """Give this started (warm) worker to a job: take its plan and id, upload its repository.
+
+        A warm worker's sandbox was made for the same profile (image, limits, network, env); a plan
+        for a different profile is refused, because its sandbox would not be what the job asked for.
+        """
+        sandbox = self._sandbox
+        if sandbox is None or self._closed:
+            raise SandboxError("this worker has no sandbox to adopt into", worker=self.worker_id)
+        if sandbox_profile(plan.spec) != sandbox_profile(self.plan.spec):
+            raise SandboxError("the job's sandbox profile differs from this warm worker's", worker=self.worker_id)
+        started = self._clock()
+        self.plan = plan
+        self.worker_id = worker_id
+        self._token = None
+        client, self._hub_client = self._hub_client, None
+        if client is not None:
+            client.close()
+        if plan.upload:
+            sandbox.upload(Path(plan.upload), ".")
+        return [PhaseEvent(Phase.PROVISION, worker_id, started, self._clock(), f"{sandbox.id} (warm)")]
 
     def close(self) -> None:
         """Destroy the sandbox and drop the hub connection; safe to call more than once."""

@@ -6,8 +6,12 @@ address of a bridge a sandbox of this module owns, or to a container this module
 
 from __future__ import annotations
 
+import os
 import secrets
+import select
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +22,7 @@ import pytest
 from rayflow.errors import TransportError
 from rayflow.sandbox import docker_network
 from rayflow.sandbox.docker import BACKEND_LABEL, SANDBOX_LABEL, DockerBackend, DockerSandbox
+from rayflow.sandbox.reaper import Reaper
 from rayflow.sandbox.spec import MIB, OWNER_LABEL, Limits, NetworkPolicy, SandboxSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -107,6 +112,7 @@ def backend(docker_client: Any) -> Iterator[DockerBackend]:
     backend.ensure_image(SandboxSpec(owner=OWNER).image)
     yield backend
     backend.reap(lambda owner: owner != OWNER)
+    backend.close()
 
 
 @pytest.fixture
@@ -145,16 +151,17 @@ def test_create_exec_destroy(backend: DockerBackend, docker_client: Any) -> None
     result = sandbox.exec("echo hello; id -u; pwd")
     container_id = sandbox.container_id
     sandbox.destroy()
-    assert result.ok and result.stdout.decode().split() == ["hello", "10001", "/workspace"]
-    assert not docker_client.api.containers(all=True, filters={"id": container_id})
     with pytest.raises(TransportError):
         sandbox.exec(["true"])
+    assert backend.flush(timeout_s=120)
+    assert result.ok and result.stdout.decode().split() == ["hello", "10001", "/workspace"]
+    assert not docker_client.api.containers(all=True, filters={"id": container_id})
 
 
 def test_destroy_twice_is_harmless(backend: DockerBackend) -> None:
     sandbox = make(backend, network=NetworkPolicy.hub_only("127.0.0.1", 9))
     sandbox.destroy()
-    sandbox.destroy()
+    sandbox.destroy(wait=True)
     assert sandbox.id not in docker_network.listed_ids()
 
 
@@ -299,9 +306,124 @@ def test_two_sandboxes_cannot_reach_each_other(
 def test_network_rules_are_removed_with_the_sandbox(backend: DockerBackend, docker_client: Any) -> None:
     sandbox = make(backend, network=NetworkPolicy.hub_only("127.0.0.1", 9))
     assert sandbox.id in docker_network.listed_ids()
-    sandbox.destroy()
+    sandbox.destroy(wait=True)
     assert sandbox.id not in docker_network.listed_ids()
     assert not docker_client.api.networks(filters={"label": f"{SANDBOX_LABEL}={sandbox.id}"})
+
+
+# --- destroy in two parts ------------------------------------------------------------------------------
+@pytest.fixture
+def held_reaper() -> Iterator[tuple[Reaper, threading.Event]]:
+    """A reaper whose only worker is busy until the event is set: removals queue up behind it."""
+    reaper = Reaper("test-held-reaper")
+    gate = threading.Event()
+
+    def hold() -> None:
+        gate.wait(120)
+
+    reaper.submit("gate", hold)
+    yield reaper, gate
+    gate.set()
+    reaper.close()
+
+
+def container_pids(client: Any, sandbox: DockerSandbox) -> list[int]:
+    """Host pids of every process in the sandbox's container, as the engine lists them."""
+    top = client.api.top(sandbox.container_id, ps_args="-o pid")
+    return [int(row[0]) for row in top["Processes"]]
+
+
+def wait_exited(pid: int, timeout_s: float) -> bool:
+    """True once ``pid`` has exited (or is gone), waiting on a pidfd; False after ``timeout_s``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout_s)[0])
+    finally:
+        os.close(fd)
+
+
+def test_destroy_kills_every_process_without_waiting_for_the_engine(
+    docker_client: Any, held_reaper: tuple[Reaper, threading.Event]
+) -> None:
+    reaper, gate = held_reaper
+    backend = DockerBackend(docker_client, reaper=reaper)
+    sandbox = make(backend)
+    # A process that left the runtime's process group, as a hostile command would.
+    assert sandbox.exec("setsid sleep 600 >/dev/null 2>&1 < /dev/null & echo started").ok
+    pids = container_pids(docker_client, sandbox)
+    assert len(pids) >= 3  # init, runtime, the escaped sleep
+    sandbox.destroy()
+    with pytest.raises(TransportError):
+        sandbox.exec(["true"])
+    assert all(wait_exited(pid, timeout_s=60) for pid in pids)
+    # The engine's part is still queued: the container is there, labelled for any reaper.
+    left = docker_client.api.containers(all=True, filters={"id": sandbox.container_id})
+    assert [c["Labels"][OWNER_LABEL] for c in left] == [OWNER]
+    gate.set()
+    assert backend.flush(timeout_s=120)
+    assert not docker_client.api.containers(all=True, filters={"id": sandbox.container_id})
+
+
+def test_a_destroyed_sandbox_whose_removal_is_pending_is_found_by_reap(
+    docker_client: Any, held_reaper: tuple[Reaper, threading.Event]
+) -> None:
+    reaper, gate = held_reaper
+    owner = f"{OWNER}-pending"
+    backend = DockerBackend(docker_client, reaper=reaper)
+    sandbox = backend.create(
+        SandboxSpec(owner=owner, limits=LIMITS, network=NetworkPolicy.hub_only("127.0.0.1", 9))
+    )
+    sandbox.destroy()
+    # As after a crash of the process that destroyed it: another process sweeps the engine.
+    assert DockerBackend(docker_client).reap(lambda o: o != owner) == [sandbox.id]
+    assert not docker_client.api.networks(filters={"label": f"{SANDBOX_LABEL}={sandbox.id}"})
+    assert sandbox.id not in docker_network.listed_ids()
+    gate.set()
+    assert backend.flush(timeout_s=120)  # the queued removal finds nothing left, and is content
+
+
+def test_destroy_with_wait_returns_once_everything_is_removed(
+    docker_client: Any, held_reaper: tuple[Reaper, threading.Event]
+) -> None:
+    reaper, gate = held_reaper
+    backend = DockerBackend(docker_client, reaper=reaper)
+    sandbox = make(backend, network=NetworkPolicy.hub_only("127.0.0.1", 9))
+    gate.set()
+    sandbox.destroy(wait=True)
+    assert not docker_client.api.containers(all=True, filters={"id": sandbox.container_id})
+    assert not docker_client.api.networks(filters={"label": f"{SANDBOX_LABEL}={sandbox.id}"})
+    assert sandbox.id not in docker_network.listed_ids()
+
+
+def test_close_finishes_the_pending_removals(docker_client: Any) -> None:
+    backend = DockerBackend(docker_client)
+    sandbox = make(backend, network=NetworkPolicy.hub_only("127.0.0.1", 9))
+    sandbox.destroy()
+    backend.close()
+    assert not docker_client.api.containers(all=True, filters={"id": sandbox.container_id})
+    assert not docker_client.api.networks(filters={"label": f"{SANDBOX_LABEL}={sandbox.id}"})
+    assert sandbox.id not in docker_network.listed_ids()
+
+
+def test_interpreter_exit_finishes_the_pending_removals(docker_client: Any) -> None:
+    script = (
+        "from rayflow.sandbox.docker import DockerBackend\n"
+        "from rayflow.sandbox.spec import SandboxSpec\n"
+        "backend = DockerBackend(build_image=False)\n"
+        f"sandbox = backend.create(SandboxSpec(owner={OWNER!r}))\n"
+        "sandbox.destroy()\n"
+        "print(sandbox.container_id, flush=True)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr
+    container_id = completed.stdout.strip()
+    assert container_id
+    assert not docker_client.api.containers(all=True, filters={"id": container_id})
 
 
 # --- leftovers -------------------------------------------------------------------------------------
@@ -330,6 +452,7 @@ def test_reap_spares_sandboxes_of_live_owners(backend: DockerBackend) -> None:
 
 def test_nothing_of_this_module_is_left_behind(docker_client: Any, backend: DockerBackend) -> None:
     """Runs last: every sandbox above was destroyed or reaped, with its network and rules."""
+    assert backend.flush(timeout_s=120)
     ours = {"label": [f"{OWNER_LABEL}={OWNER}", f"{BACKEND_LABEL}=docker"]}
     assert docker_client.api.containers(all=True, filters=ours) == []
     assert docker_client.api.networks(filters=ours) == []
@@ -366,4 +489,6 @@ def test_hub_only_sandbox_cannot_use_the_engines_embedded_dns(
         # any upstream resolver, so this probe never sends traffic off the machine.
         result = sandbox.exec(["python3", "-c", DNS_PROBE, f"rayflow-{sandbox.id}"])
     # A REJECT rule in the sending namespace fails the send itself with EPERM.
-    assert result.stdout.decode().strip() in ("PermissionError", "ConnectionRefusedError", "TimeoutError"), result
+    assert result.stdout.decode().strip() in ("PermissionError", "ConnectionRefusedError", "TimeoutError"), (
+        result
+    )

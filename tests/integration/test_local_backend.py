@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from rayflow.errors import ConfigError
 from rayflow.sandbox.local import LocalBackend, Registry, proc_start_ticks
 from rayflow.sandbox.spec import MIB, KillReason, Limits, NetworkPolicy, SandboxSpec
 
@@ -133,9 +132,12 @@ def test_timeout_kills_the_whole_sandbox(backend: LocalBackend) -> None:
     assert backend.owned() == []
 
 
-def test_network_modes_other_than_none_are_refused(backend: LocalBackend) -> None:
-    with pytest.raises(ConfigError, match="only network mode 'none'"):
-        backend.run_once(spec(network=NetworkPolicy.hub_only("127.0.0.1", 7000)), ["true"])
+def test_a_hub_only_one_off_sandbox_sees_one_interface_and_is_gone_after(backend: LocalBackend) -> None:
+    policy = NetworkPolicy.hub_only("127.0.0.1", 7000)
+    result = backend.run_once(spec(network=policy), ["cat", "/proc/net/dev"])
+    names = {line.split(":")[0].strip() for line in result.stdout.decode().splitlines() if ":" in line}
+    assert result.exit_code == 0 and names == {"lo", "eth0"}
+    assert backend.owned() == []
 
 
 def test_finished_sandbox_leaves_no_cgroup_and_no_record(backend: LocalBackend) -> None:

@@ -1,4 +1,5 @@
-"""The sandbox image builds offline and runs the in-sandbox runtime as an unprivileged user.
+"""The sandbox image builds offline, runs the in-sandbox runtime as an unprivileged user, and
+carries the hub client (by default) without the bank's heavy packages.
 
 Why one build per module, under the real default tag: a build takes about a minute (it runs
 debootstrap against the Debian mirror), and a later run, or the Docker backend's tests, reuse
@@ -17,10 +18,14 @@ import pytest
 from rayflow.sandbox.image import (
     AGENT_UID,
     DEFAULT_TAG,
+    DEFAULT_WITH_HUB_CLIENT,
+    HUB_CLIENT_LABEL,
     WORKDIR,
     ImageInfo,
     build_sandbox_image,
     image_status,
+    package_root,
+    shipped_files,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.timeout(600)]
@@ -74,17 +79,45 @@ def test_workdir_is_the_workspace_and_writable(
     assert output.splitlines() == [WORKDIR, "written"]
 
 
-def test_image_ships_only_the_runtime_part_of_rayflow(
+def test_image_ships_only_the_runtime_and_hub_client_parts_of_rayflow(
     docker_client: Any, sandbox_image: ImageInfo, run_id: str
 ) -> None:
     script = (
-        "import os, rayflow; "
-        "print(' '.join(sorted(n for n in os.listdir(os.path.dirname(rayflow.__file__)) if n != '__pycache__')))"
+        "import os, rayflow; root = os.path.dirname(rayflow.__file__); "
+        "print(' '.join(sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) "
+        "for f in fs if '__pycache__' not in d and f.endswith('.py'))))"
     )
 
     output = _run(docker_client, sandbox_image, run_id, ["python3", "-c", script])
 
-    assert output.split() == ["__init__.py", "agent", "errors.py", "framing.py"]
+    assert output.split() == [name for name, _ in shipped_files(package_root(), with_hub_client=True)]
+    assert "memory/bank.py" not in output.split() and "hub/service.py" not in output.split()
+
+
+def test_image_is_built_with_the_hub_client_by_default(docker_client: Any, sandbox_image: ImageInfo) -> None:
+    labels = docker_client.images.get(sandbox_image.id).attrs["Config"]["Labels"]
+
+    assert DEFAULT_WITH_HUB_CLIENT
+    assert labels[HUB_CLIENT_LABEL] == "1"
+
+
+def test_hub_client_imports_offline_without_heavy_packages(
+    docker_client: Any, sandbox_image: ImageInfo, run_id: str
+) -> None:
+    script = (
+        "import sys, rayflow.hub.client; "
+        "print([m for m in ('numpy', 'hnswlib', 'apsw', 'ray', 'jwt') if m in sys.modules])"
+    )
+
+    output = _run(docker_client, sandbox_image, run_id, ["python3", "-c", script])
+
+    assert output == "[]"
+
+
+def test_image_carries_no_numpy(docker_client: Any, sandbox_image: ImageInfo, run_id: str) -> None:
+    script = "import importlib.util; print(importlib.util.find_spec('numpy') is None)"
+
+    assert _run(docker_client, sandbox_image, run_id, ["python3", "-c", script]) == "True"
 
 
 def test_default_command_serves_the_runtime(docker_client: Any, sandbox_image: ImageInfo) -> None:
@@ -112,9 +145,13 @@ def test_cli_build_image_reports_the_cached_image(docker_client: Any, sandbox_im
     import subprocess
     import sys
 
+    # The flag follows the image default explicitly, so the command finds the cached image
+    # whatever the command line's own default is.
+    flag = "--with-hub-client" if DEFAULT_WITH_HUB_CLIENT else "--no-with-hub-client"
     proc = subprocess.run(
-        [sys.executable, "-m", "rayflow", "sandbox", "build-image", "--tag", sandbox_image.tag],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "rayflow", "sandbox", "build-image", "--tag", sandbox_image.tag, flag],
+        capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert sandbox_image.tag in proc.stdout
+    assert "up to date" in proc.stdout

@@ -1,0 +1,164 @@
+"""The done-when of the swarm: a two-node Ray cluster, real Docker sandboxes and a real hub.
+
+A job of the demo's fixing agent runs across both nodes; a worker actor killed mid-job and a
+non-head node lost mid-job both still give every subtask exactly once, and no container is left
+behind once the job (and its garbage collection) has finished.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rayflow.sandbox.spec import OWNER_LABEL, Limits
+from rayflow.swarm.demo_codebase import decompose_codebase, generate_codebase
+from rayflow.swarm.job import AgentRef, Job, TaskList
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]
+
+LESSONS = "demo/fixes"
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster_factory, docker_client):
+    from rayflow.sandbox.image import build_sandbox_image
+
+    build_sandbox_image()
+    return ray_cluster_factory(regions=("us-west", "eu-central"), cpus_per_node=2)
+
+
+@pytest.fixture(scope="module")
+def swarm(cluster, tmp_path_factory):
+    from rayflow.api import Swarm
+
+    return Swarm(hub_region="us-west", state_dir=tmp_path_factory.mktemp("swarm-docker"))
+
+
+@pytest.fixture(scope="module")
+def codebase(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("codebase")
+    generate_codebase(root, 10, seed=3)
+    return root
+
+
+def fixing_job(codebase: Path, *, workers: int = 3) -> Job:
+    tasks = [{**task, "memory": True, "namespace": LESSONS} for task in decompose_codebase(codebase)]
+    return Job(
+        AgentRef.python("rayflow.agents.fixer:fix_module", timeout_s=300),
+        TaskList(tasks),
+        upload=str(codebase),
+        memory_namespaces=(f"{LESSONS}/*",),
+        backend="docker",
+        workers=workers,
+        limits=Limits(cpus=0.5, memory_bytes=256 * 1024 * 1024),
+    )
+
+
+def rayflow_containers(docker_client, job: Job) -> list:
+    return [
+        c for c in docker_client.containers.list(all=True, filters={"label": OWNER_LABEL})
+        if c.labels.get("rayflow.job") == job.name
+    ]
+
+
+def started_worker(name: str, deadline: float):
+    import ray
+
+    while time.monotonic() < deadline:
+        try:
+            actor = ray.get_actor(name, namespace="rayflow")
+        except ValueError:
+            continue
+        ray.get(actor.ready.remote(), timeout=180)
+        return actor
+    raise AssertionError(f"worker {name} never started")
+
+
+def run_in_background(swarm, job: Job) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = swarm.run(job, progress=False, timeout_s=600)
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def check_exactly_once(result, job: Job) -> list:
+    rows = list(result.results())
+    assert [r.index for r in rows] == list(range(len(job.decomposition.tasks)))
+    assert len({r.subtask_id for r in rows}) == len(rows)
+    return rows
+
+
+def test_a_fixing_job_runs_in_docker_sandboxes_on_both_nodes(swarm, cluster, codebase, docker_client):
+    job = fixing_job(codebase)
+    result = swarm.run(job, progress=False, timeout_s=600)
+    rows = check_exactly_once(result, job)
+    assert all(r.ok and r.value["passed"] for r in rows), [r.error for r in rows if not r.ok]
+    assert {r.node_id for r in rows} == set(cluster.node_ids.values())
+    assert all(r.sandbox_id for r in rows)
+    assert rayflow_containers(docker_client, job) == []
+
+
+def test_the_second_run_learns_from_the_first_through_the_hub(swarm, codebase):
+    first = swarm.run(fixing_job(codebase), progress=False, timeout_s=600)
+    second = swarm.run(fixing_job(codebase), progress=False, timeout_s=600)
+    assert second.summary["memory_hits"] > 0
+    assert second.summary["attempts"] <= first.summary["attempts"]
+
+
+def test_a_worker_killed_mid_job_still_completes_every_subtask_once(swarm, codebase, docker_client):
+    import ray
+
+    job = fixing_job(codebase, workers=2)
+    thread, outcome = run_in_background(swarm, job)
+    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 180))
+    thread.join(timeout=900)
+    assert "error" not in outcome, outcome.get("error")
+    rows = check_exactly_once(outcome["result"], job)
+    assert all(r.ok for r in rows)
+    assert outcome["result"].summary["coordinator"]["worker_failures"] >= 1
+    assert rayflow_containers(docker_client, job) == []
+
+
+def test_losing_a_non_head_node_mid_job_still_completes_every_subtask_once(swarm, cluster, codebase, docker_client):
+    import ray
+
+    job = fixing_job(codebase, workers=3)
+    thread, outcome = run_in_background(swarm, job)
+    deadline = time.monotonic() + 180
+    # Wait until a worker is running on the non-head node, then take that node away.
+    victim_node = cluster.node_ids["eu-central"]
+    while time.monotonic() < deadline:
+        placed = [
+            ray.get(ray.get_actor(f"{job.name}-w{i:03d}", namespace="rayflow").ready.remote(), timeout=180)
+            for i in (1, 2, 3) if _exists(f"{job.name}-w{i:03d}")
+        ]
+        if any(info["node_id"] == victim_node for info in placed):
+            break
+    node = next(n for n in cluster.cluster.worker_nodes if n.unique_id == victim_node)
+    cluster.cluster.remove_node(node, allow_graceful=False)
+    thread.join(timeout=900)
+    assert "error" not in outcome, outcome.get("error")
+    rows = check_exactly_once(outcome["result"], job)
+    assert all(r.ok for r in rows)
+    assert outcome["result"].summary["coordinator"]["worker_failures"] >= 1
+    assert rayflow_containers(docker_client, job) == []
+
+
+def _exists(name: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(name, namespace="rayflow")
+    except ValueError:
+        return False
+    return True

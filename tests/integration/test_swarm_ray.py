@@ -1,0 +1,101 @@
+"""The swarm on a real two-node Ray cluster: placement, exactly-once results, a worker killed mid-job.
+
+Sandboxes here come from the process backend so the Ray behaviour is tested on every machine;
+the same flows with Docker sandboxes and a node lost mid-job are in ``test_swarm_docker.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from rayflow.sandbox.process import ProcessBackend
+from rayflow.sandbox.spec import Limits
+from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: Real CPU work of a few hundred milliseconds, so a job lasts long enough to be interrupted.
+WORK = "python3 -c 'import json,sys; t=json.load(sys.stdin); print(sum(i*i for i in range(1500000)), t[\"n\"])'"
+
+
+@pytest.fixture(scope="module")
+def swarm(ray_cluster, tmp_path_factory):
+    from rayflow.api import Swarm
+
+    return Swarm(hub_region="us-west", state_dir=tmp_path_factory.mktemp("swarm-state"))
+
+
+def started_worker(name: str, deadline: float):
+    """The named worker actor once its sandbox is ready (bounded by ``deadline``)."""
+    import ray
+
+    while time.monotonic() < deadline:
+        try:
+            actor = ray.get_actor(name, namespace="rayflow")
+        except ValueError:
+            continue
+        ray.get(actor.ready.remote(), timeout=120)
+        return actor
+    raise AssertionError(f"worker {name} never started")
+
+
+def test_job_runs_every_subtask_once_across_both_nodes(swarm, ray_cluster):
+    job = Job(AgentRef.shell(WORK), TaskList([{"n": i} for i in range(8)]), backend="process", workers=3,
+              limits=Limits(cpus=0.5))
+    result = swarm.run(job, progress=False)
+    rows = list(result.results())
+    assert [r.index for r in rows] == list(range(8))
+    assert all(r.ok for r in rows)
+    assert {r.node_id for r in rows} == set(ray_cluster.node_ids.values())
+    assert all(r.output_tail.strip().endswith(str(r.index)) for r in rows)
+
+
+def test_results_are_recorded_in_the_hub_namespace_of_the_job(swarm):
+    from rayflow.hub.client import SyncHubClient
+
+    job = Job(AgentRef.shell(WORK), TaskList([{"n": i} for i in range(3)]), backend="process", workers=2,
+              limits=Limits(cpus=0.5))
+    swarm.run(job, progress=False)
+    import ray
+
+    endpoint = swarm.endpoint()
+    token = ray.get(swarm.hub.issue_token.remote("reader", job.tenant, [job.results_scope],
+                                                  ["reasoningbank:read"]))
+    with SyncHubClient(endpoint["host"], endpoint["port"], ca_pem=endpoint["ca_pem"], token=token) as hub:
+        hits = hub.search("result of", k=10, namespace=job.results_namespace, domain="swarm-result")
+    assert sorted(hit["item"]["source_task"] for hit in hits) == [f"{job.name}-{i:05d}" for i in range(3)]
+
+
+def test_glob_decomposition_gives_one_subtask_per_matching_file(swarm, tmp_path):
+    repo = tmp_path / "repo"
+    for name in ("a.py", "b.py", "pkg/c.py", "notes.txt", ".hidden/d.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(f"# {name}\n")
+    job = Job(AgentRef.shell("python3 -c 'import json,sys; print(open(json.load(sys.stdin)[\"path\"]).read())'"),
+              FileGlob(str(repo), "**/*.py"), backend="process", workers=2, limits=Limits(cpus=0.5))
+    result = swarm.run(job, progress=False)
+    rows = list(result.results())
+    assert [r.output_tail.strip() for r in rows] == ["# a.py", "# b.py", "# pkg/c.py"]
+
+
+def test_a_worker_killed_mid_job_still_gives_every_subtask_exactly_once(swarm, tmp_path):
+    import ray
+
+    job = Job(AgentRef.shell(WORK), TaskList([{"n": i} for i in range(10)]), backend="process", workers=2,
+              limits=Limits(cpus=0.5))
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("result", swarm.run(job, progress=False)))
+    runner.start()
+    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 120))
+    runner.join(timeout=300)
+    result = outcome["result"]
+    rows = list(result.results())
+    assert [r.index for r in rows] == list(range(10))
+    assert all(r.ok for r in rows)
+    coordinator = result.summary.get("coordinator") or {}
+    assert coordinator.get("worker_failures", 0) >= 1
+    assert ProcessBackend().owned() == []
+
