@@ -77,6 +77,9 @@ class ModelStandin:
     def __init__(self, delay_s: float = 2.0, host: str = "127.0.0.1", port: int = 0) -> None:
         self.delay_s = delay_s
         self.calls = 0
+        #: Most requests being answered at the same moment (a real API serves calls concurrently).
+        self.peak_in_flight = 0
+        self._in_flight = 0
         self._lock = threading.Lock()
         standin = self
 
@@ -115,9 +118,13 @@ class ModelStandin:
                 if problem is not None:
                     self._send(400, error_body("invalid_request_error", problem))
                     return
+                with standin._lock:
+                    standin._in_flight += 1
+                    standin.peak_in_flight = max(standin.peak_in_flight, standin._in_flight)
                 # The model's latency: this is the stand-in's whole point, the work of the call.
                 time.sleep(standin.delay_s)
                 with standin._lock:
+                    standin._in_flight -= 1
                     standin.calls += 1
                 self._send(200, reply_for(request))
 

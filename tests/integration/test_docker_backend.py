@@ -98,6 +98,8 @@ class HostServer:
                         conn.sendall(self.reply)
                 else:
                     _, peer = self.sock.recvfrom(64)
+                    if peer is None:  # the socket was closed under the receive
+                        return
                     self.sock.sendto(self.reply, peer)
             except OSError:
                 return
