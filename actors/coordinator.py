@@ -13,10 +13,11 @@ from typing import Any
 
 import ray
 
-from actors.fleet import RayFleet, collect_garbage_on_nodes
+from actors.fleet import RayFleet, collect_garbage_on_nodes, ensure_image_on_nodes
 from actors.hub_replica import get_hub_replica
 from actors.sandbox_worker import token_minter
-from rayflow.sandbox.select import select_backend
+from rayflow.sandbox.image import DEFAULT_TAG
+from rayflow.sandbox.select import probe_engine, select_backend
 from rayflow.swarm.coordinator import RunStats
 from rayflow.swarm.job import Job
 from rayflow.swarm.model import Pattern
@@ -29,6 +30,10 @@ def hub_session(hub_region: str, tenant: str) -> HubSession:
     endpoint = ray.get(get_hub_replica(hub_region).endpoint.remote())
     access = HubAccess(endpoint["host"], int(endpoint["port"]), bytes(endpoint["ca_pem"]))
     return HubSession(access, token_minter(hub_region, tenant))
+
+
+def docker_engine_answers() -> bool:
+    return probe_engine().ok
 
 
 @ray.remote(max_concurrency=4, num_cpus=0, max_restarts=0)
@@ -49,6 +54,9 @@ class Coordinator:
     ) -> dict[str, Any]:
         """Run ``job``; ``warm`` are started workers of the job's sandbox profile, used before cold ones."""
         self._stats = RunStats()
+        if job.backend in ("docker", "auto") and job.image == DEFAULT_TAG and docker_engine_answers():
+            # rayflow's own image is built offline where missing or stale (cached by content hash).
+            ensure_image_on_nodes(job.image)
         hub = hub_session(hub_region, job.tenant) if hub_region is not None else None
         cpus = job.limits.cpus or 1.0
 

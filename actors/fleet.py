@@ -51,17 +51,19 @@ def _outcome(reply: dict[str, Any]) -> tuple[SubtaskResult, list[PhaseEvent]]:
 class RayWorker:
     """A started ``SandboxWorker`` actor."""
 
-    def __init__(self, actor: Any, worker_id: str, node_id: str) -> None:
+    def __init__(self, actor: Any, worker_id: str, node_id: str, stopping: list[Any] | None = None) -> None:
         self.actor = actor
         self.worker_id = worker_id
         self.node_id = node_id
+        #: Where the shutdown call is kept, so the fleet can wait for the sandbox's removal.
+        self._stopping = stopping if stopping is not None else []
 
     def run(self, subtask: Subtask) -> cf.Future[tuple[SubtaskResult, list[PhaseEvent]]]:
         return mapped(self.actor.run.remote(subtask.to_dict()).future(), _outcome)
 
     def stop(self) -> None:
         try:
-            self.actor.shutdown.remote()
+            self._stopping.append(self.actor.shutdown.remote())
         except Exception:  # noqa: BLE001 - an actor already gone has nothing to stop
             log.debug("shutdown of %s could not be sent", self.worker_id, exc_info=True)
 
@@ -92,6 +94,7 @@ class RayFleet:
         if region is not None:
             self._options["resources"] = pin_to_region(region)
         self.actors: dict[str, Any] = {}
+        self._stopping: list[Any] = []
 
     def launch(self, worker_id: str) -> cf.Future[tuple[RayWorker, list[PhaseEvent]]]:
         if self._warm:
@@ -104,20 +107,23 @@ class RayFleet:
         self.actors[worker_id] = actor
         return mapped(actor.ready.remote().future(), self._started(actor, worker_id))
 
-    @staticmethod
-    def _started(actor: Any, worker_id: str) -> Callable[[dict[str, Any]], tuple[RayWorker, list[PhaseEvent]]]:
+    def _started(self, actor: Any, worker_id: str) -> Callable[[dict[str, Any]], tuple[RayWorker, list[PhaseEvent]]]:
         def started(info: dict[str, Any]) -> tuple[RayWorker, list[PhaseEvent]]:
             events = [PhaseEvent.from_dict(e) for e in info["events"]]
-            return RayWorker(actor, worker_id, str(info.get("node_id") or "")), events
+            return RayWorker(actor, worker_id, str(info.get("node_id") or ""), self._stopping), events
 
         return started
 
-    def close(self) -> None:
-        """Forget the actors; warm workers nobody adopted are shut down (never reused by another job)."""
+    def close(self, timeout_s: float = 120.0) -> None:
+        """Shut down warm workers nobody adopted (never reused by another job), then wait until every
+        stopped worker has removed its sandbox, so a finished job leaves no container behind."""
         for actor in self._warm:
-            RayWorker(actor, "", "").stop()
+            RayWorker(actor, "", "", self._stopping).stop()
         self._warm.clear()
         self.actors.clear()
+        pending, self._stopping = self._stopping, []
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
 
     def cold_options(self) -> dict[str, Any]:
         return dict(self._options)
@@ -161,6 +167,25 @@ def _collect_garbage(backends: list[str]) -> list[str]:
     return reaped
 
 
+@ray.remote(num_cpus=0)
+def _ensure_image(image: str) -> str:
+    from rayflow.sandbox.image import build_sandbox_image
+
+    return build_sandbox_image(image).id
+
+
+def ensure_image_on_nodes(image: str, timeout_s: float = 900.0) -> None:
+    """Make sure every alive node's engine has the current sandbox image (built offline if not).
+
+    One node after the other: nodes sharing an engine then find it current and build nothing, and
+    no engine runs two builds of the same image at once.
+    """
+    for node in ray.nodes():
+        if node.get("Alive"):
+            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ray.get(_ensure_image.options(scheduling_strategy=strategy).remote(image), timeout=timeout_s)
+
+
 def collect_garbage_on_nodes(backends: list[str], timeout_s: float = 120.0) -> list[str]:
     """Reap sandboxes of dead owners (killed workers) on every alive node; returns their ids."""
     refs = [
@@ -171,6 +196,11 @@ def collect_garbage_on_nodes(backends: list[str], timeout_s: float = 120.0) -> l
         if node.get("Alive")
     ]
     reaped: list[str] = []
-    for ids in ray.get(refs, timeout=timeout_s):
-        reaped.extend(ids)
+    for ref in refs:
+        try:
+            reaped.extend(ray.get(ref, timeout=timeout_s))
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            # A node that died since it was listed has nothing this sweep can reach; its engine's
+            # leftovers are found by the next sweep of a node sharing that engine, or die with it.
+            log.warning("garbage collection on a node failed: %s", exc)
     return reaped

@@ -50,6 +50,7 @@ class SandboxWorker:
         tenant: str = "default",
     ) -> None:
         sandboxes = select_backend(backend, allow_unisolated=backend == "process")
+        self._backend = sandboxes
         mint = token_minter(hub_region, tenant) if hub is not None and hub_region else None
         self._core = WorkerCore(
             worker_id,
@@ -80,5 +81,9 @@ class SandboxWorker:
         """Destroy the sandbox, then end this actor."""
         try:
             self._core.close()
+            # Backends that remove in the background (Docker) finish before the process goes.
+            flush = getattr(self._backend, "flush", None)
+            if callable(flush):
+                flush(60.0)
         finally:
             ray.actor.exit_actor()

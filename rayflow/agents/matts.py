@@ -129,7 +129,9 @@ def _tried(value: Any) -> list[Mapping[str, Any]]:
 
 def failed_strategies(history: Sequence[Any]) -> list[str]:
     """Strategies some previous attempt tried without passing, in the order first tried."""
-    names = [str(entry["strategy"]) for value in history for entry in _tried(value) if not entry.get("passed")]
+    names = [
+        str(entry["strategy"]) for value in history for entry in _tried(value) if not entry.get("passed")
+    ]
     return list(dict.fromkeys(names))
 
 
@@ -145,17 +147,22 @@ def untried_strategies_first(task: Mapping[str, Any], history: Sequence[Any]) ->
     explicit = task.get("strategy_order")
     seed = task.get("seed")
     base = strategy_order(
-        [], list(explicit) if isinstance(explicit, (list, tuple)) else None, seed if isinstance(seed, int) else None
+        [],
+        list(explicit) if isinstance(explicit, (list, tuple)) else None,
+        seed if isinstance(seed, int) else None,
     )
     failed = set(failed_strategies(history))
     return {
         **dict(task),
-        "strategy_order": [name for name in base if name not in failed] + [name for name in base if name in failed],
+        "strategy_order": [name for name in base if name not in failed]
+        + [name for name in base if name in failed],
     }
 
 
 # --- running the inner agent ------------------------------------------------------------------
-def _shell_attempt(context: Any, spec: Mapping[str, Any], task: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def _shell_attempt(
+    context: Any, spec: Mapping[str, Any], task: dict[str, Any], timeout_s: float
+) -> dict[str, Any]:
     """One attempt of a shell agent, as the runner would start it: task JSON on stdin and in a file."""
     from rayflow.agent.runner import run_command
 
@@ -248,4 +255,3 @@ def refine(context: Any) -> dict[str, Any]:
         matts={"mode": "sequential", "r": r, "used": len(summaries), "stopped": stopped, "final": chosen},
     )
     return result
-

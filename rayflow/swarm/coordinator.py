@@ -163,9 +163,10 @@ class Coordinator:
                     break
                 if not running and not launching:
                     if self.stats.launch_failures >= self._max_launch_failures:
+                        last = self.stats.errors[-1] if self.stats.errors else "unknown"
                         raise SwarmError(
-                            "no worker could be started", failures=self.stats.launch_failures,
-                            last=self.stats.errors[-1] if self.stats.errors else "",
+                            f"no worker could be started ({self.stats.launch_failures} tries); last: {last}",
+                            failures=self.stats.launch_failures,
                         )
                     launch()
                 # Once the decomposition is used up, idle workers only cost sandboxes: stop them.

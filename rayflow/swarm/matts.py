@@ -245,7 +245,9 @@ def tried_strategies(value: Mapping[str, Any]) -> list[str]:
     tried = value.get("tried")
     if not isinstance(tried, list):
         return []
-    names = [str(entry["strategy"]) for entry in tried if isinstance(entry, Mapping) and entry.get("strategy")]
+    names = [
+        str(entry["strategy"]) for entry in tried if isinstance(entry, Mapping) and entry.get("strategy")
+    ]
     return list(dict.fromkeys(names))
 
 
@@ -347,13 +349,18 @@ def _repair_contrast(winner: SubtaskResult, results: Sequence[SubtaskResult]) ->
                 failed.append(strategy)
     failed = [strategy for strategy in failed if strategy not in worked]
     lines = [f"Failure: {signature}"]
-    win_strategy = (winner.value or {}).get("strategy") if succeeded(winner) else None
+    win_value = winner.value if isinstance(winner.value, Mapping) else {}
+    win_strategy = win_value.get("strategy") if succeeded(winner) else None
     tags = [*CONTRAST_TAGS]
     if digest:
         tags.append(f"{SIGNATURE_TAG}{digest}")
     if win_strategy:
         win_edit = next(
-            (str(e.get("edit") or "") for e in _tried(winner) if e.get("passed") and e["strategy"] == win_strategy),
+            (
+                str(e.get("edit") or "")
+                for e in _tried(winner)
+                if e.get("passed") and e["strategy"] == win_strategy
+            ),
             worked.get(str(win_strategy), ""),
         )
         lines.append(
@@ -366,10 +373,15 @@ def _repair_contrast(winner: SubtaskResult, results: Sequence[SubtaskResult]) ->
         if others:
             lines.append("Also worked: " + ", ".join(others))
         tags.append(f"{STRATEGY_TAG}{win_strategy}")
-        title = f"{win_strategy} fixes it where {len(failed)} other strategies failed"
+        exception = signature.split(":", 1)[0]
         agreeing = sum(
             succeeded(r) and isinstance(r.value, Mapping) and r.value.get("strategy") == win_strategy
             for r in results
+        )
+        title = (
+            f"{win_strategy} fixes {exception} where {len(failed)} other strategies failed"
+            if failed
+            else f"{win_strategy} fixes {exception} in {agreeing} of {len(results)} rollouts"
         )
         outcome, confidence = "success", agreeing / len(results)
     else:
@@ -397,7 +409,9 @@ def _outcome_contrast(winner: SubtaskResult, results: Sequence[SubtaskResult]) -
     subject = split_rollout_id(winner.subtask_id)
     task_ref = subject[0] if subject else winner.subtask_id
     if wins:
-        title = f"{task_ref}: rollout {rollout_number(winner)} succeeded where {len(results) - len(wins)} failed"
+        title = (
+            f"{task_ref}: rollout {rollout_number(winner)} succeeded where {len(results) - len(wins)} failed"
+        )
         outcome, confidence = "success", len(wins) / len(results)
     else:
         title = f"{task_ref}: all {len(results)} rollouts failed, {len(codes)} different ways"
@@ -417,8 +431,10 @@ def _rollout_lines(results: Sequence[SubtaskResult]) -> list[str]:
     lines = []
     for result in sorted(results, key=rollout_number):
         value = result.value if isinstance(result.value, Mapping) else {}
-        parts = [f"rollout {rollout_number(result)}: {'succeeded' if succeeded(result) else 'failed'}",
-                 f"{result.attempts} attempts"]
+        parts = [
+            f"rollout {rollout_number(result)}: {'succeeded' if succeeded(result) else 'failed'}",
+            f"{result.attempts} attempts",
+        ]
         strategies = tried_strategies(value)
         if strategies:
             parts.append("tried " + ", ".join(strategies))
@@ -426,13 +442,21 @@ def _rollout_lines(results: Sequence[SubtaskResult]) -> list[str]:
         if score is not None:
             parts.append(f"score {score:g}")
         if result.error:
-            parts.append(f"{result.error.get('code', 'error')}: {clip(str(result.error.get('message', '')), 160)}")
+            parts.append(
+                f"{result.error.get('code', 'error')}: {clip(str(result.error.get('message', '')), 160)}"
+            )
         lines.append("; ".join(parts))
     return lines
 
 
 def _lesson(
-    *, title: str, description: str, content: str, tags: list[str], outcome: str, confidence: float,
+    *,
+    title: str,
+    description: str,
+    content: str,
+    tags: list[str],
+    outcome: str,
+    confidence: float,
     winner: SubtaskResult,
 ) -> dict[str, Any]:
     source = split_rollout_id(winner.subtask_id)
@@ -490,7 +514,7 @@ class RolloutGroups:
         group.namespace = str(namespace) if isinstance(namespace, str) and namespace else None
 
     def expand(self, subtasks: Iterable[Subtask], seed: int = 0) -> Iterator[Subtask]:
-        """:func:`expand_rollouts` that also :meth:`expect`\\ s each subtask as it is pulled."""
+        """:func:`expand_rollouts`, telling these groups about each subtask (:meth:`expect`) as it is pulled."""
         for subtask in subtasks:
             self.expect(subtask)
             yield from expand_rollouts([subtask], self.k, seed)
@@ -644,10 +668,9 @@ class MattsPlan:
 
         plan = MattsPlan.for_job(job)
         worker_plan = WorkerPlan.for_job(plan.job, hub_access)
-        subtasks = plan.transform(decomposed_subtasks)
-        sink = plan.wrap_sink(main_log, ResultsLog(plan.rollouts_path(results_path)) if plan.parallel else None,
-                              store_lesson=...)
-        Coordinator(fleet, sink, ...).run(subtasks)
+        rollouts_log = ResultsLog(plan.rollouts_path(results_path)) if plan.parallel else None
+        sink = plan.wrap_sink(main_log, rollouts_log, store_lesson=...)
+        Coordinator(fleet, sink, ...).run(plan.transform(decomposed_subtasks, sink))
         sink.finish()
     """
 
@@ -673,7 +696,9 @@ class MattsPlan:
             refine = AgentRef.python(REFINE_AGENT, timeout_s=inner.timeout_s * matts.r)
             return cls(replace(job, agent=refine), "sequential", r=matts.r, seed=seed, inner=inner)
         if job.workers < matts.k:
-            log.info("job %s: %d workers run fewer than k=%d rollouts at once", job.name, job.workers, matts.k)
+            log.info(
+                "job %s: %d workers run fewer than k=%d rollouts at once", job.name, job.workers, matts.k
+            )
         return cls(job, "parallel", k=matts.k, seed=seed, lesson_namespace=default_lesson_namespace(job))
 
     @property
@@ -687,16 +712,19 @@ class MattsPlan:
     def groups(self) -> RolloutGroups:
         return RolloutGroups(self.k)
 
-    def transform(self, subtasks: Iterable[Subtask], groups: RolloutGroups | None = None) -> Iterator[Subtask]:
+    def transform(
+        self, subtasks: Iterable[Subtask], sink: RolloutSink | DirectSink | None = None
+    ) -> Iterator[Subtask]:
         """The subtasks to dispatch: rollouts (parallel), refinement tasks (sequential) or as given.
 
-        In parallel mode pass the ``groups`` the sink uses (``sink.groups``) so they learn each
-        subtask's id and memory namespace as the subtask is pulled.
+        In parallel mode pass the sink from :meth:`wrap_sink`, so its groups learn each subtask's
+        id and memory namespace as the subtask is pulled (without it, ids are parsed back from
+        rollout ids and lessons go to :attr:`lesson_namespace`).
         """
         if self.mode == "parallel":
-            if groups is None:
-                return expand_rollouts(subtasks, self.k, self.seed)
-            return groups.expand(subtasks, self.seed)
+            if isinstance(sink, RolloutSink):
+                return sink.groups.expand(subtasks, self.seed)
+            return expand_rollouts(subtasks, self.k, self.seed)
         if self.mode == "sequential":
             inner = self.inner
             if inner is None:

@@ -118,15 +118,24 @@ class JobRunner:
             stats = self.coordinator.run(subtasks)
             stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             if self._collect_garbage is not None:
-                reaped = self._collect_garbage()
-                if reaped:
-                    log.info("reaped %d sandboxes of lost workers", len(reaped))
+                self._sweep()
             report = self._synthesize(log_file)
             log_file.set_meta(finished_at=self._clock(), coordinator=dataclasses.asdict(stats))
             return JobOutcome(job.name, job.pattern.value, str(self.results_path), log_file.summary(), report, stats)
         finally:
             self._close()
             log_file.close()
+
+    def _sweep(self) -> None:
+        """Remove sandboxes of workers that died; a failed sweep is logged, the job's results stand."""
+        assert self._collect_garbage is not None
+        try:
+            reaped = self._collect_garbage()
+        except Exception as exc:  # noqa: BLE001 - cleanup must not turn a finished job into a failure
+            log.warning("garbage collection after the job failed: %s", exc)
+            return
+        if reaped:
+            log.info("reaped %d sandboxes of lost workers", len(reaped))
 
     def cancel(self) -> None:
         if self.coordinator is not None:

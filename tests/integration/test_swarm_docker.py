@@ -144,7 +144,7 @@ def test_losing_a_non_head_node_mid_job_still_completes_every_subtask_once(swarm
         ]
         if any(info["node_id"] == victim_node for info in placed):
             break
-    node = next(n for n in cluster.cluster.worker_nodes if n.unique_id == victim_node)
+    node = next(n for n in cluster.cluster.worker_nodes if n.node_id == victim_node)
     cluster.cluster.remove_node(node, allow_graceful=False)
     thread.join(timeout=900)
     assert "error" not in outcome, outcome.get("error")

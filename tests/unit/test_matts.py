@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
+import threading
 from typing import Any
 
 import pytest
 
 from rayflow.agents.matts import attempt_succeeded, failed_strategies, untried_strategies_first
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
+from rayflow.swarm.coordinator import Coordinator
 from rayflow.swarm.job import AgentRef, Job, Matts, TaskList
 from rayflow.swarm.matts import (
     REFINE_AGENT,
@@ -50,8 +53,15 @@ def fix_value(strategy: str | None, tried: list[tuple[str, bool]], **extra: Any)
 
 
 def rollout(
-    number: int, *, value: Any = None, ok: bool = True, original: str = "job-00000", index: int = 0, k: int = 3,
-    error: dict[str, str] | None = None, **fields: Any,
+    number: int,
+    *,
+    value: Any = None,
+    ok: bool = True,
+    original: str = "job-00000",
+    index: int = 0,
+    k: int = 3,
+    error: dict[str, str] | None = None,
+    **fields: Any,
 ) -> SubtaskResult:
     return SubtaskResult(
         subtask_id=rollout_id(original, number),
@@ -175,8 +185,9 @@ def test_grouped_attempts_count_all_rollouts_and_keep_the_winners_own():
 
 def test_a_rollout_the_ledger_gave_up_on_still_completes_its_group():
     groups = RolloutGroups(3)
-    lost = rollout(1, ok=False, error={"code": "worker_lost", "message": "gave up after 3 dispatches"},
-                   dispatches=3)
+    lost = rollout(
+        1, ok=False, error={"code": "worker_lost", "message": "gave up after 3 dispatches"}, dispatches=3
+    )
     rollouts = three_rollouts()
     assert groups.add(rollouts[2]) is None
     assert groups.add(lost) is None
@@ -249,7 +260,10 @@ def test_judge_prefers_success_then_score_then_fewer_attempts_then_lower_rollout
 
 
 def test_judge_is_the_same_for_every_order_of_the_rollouts():
-    results = [*three_rollouts(), rollout(3, k=4, value=fix_value("flip_comparison", [("flip_comparison", True)]))]
+    results = [
+        *three_rollouts(),
+        rollout(3, k=4, value=fix_value("flip_comparison", [("flip_comparison", True)])),
+    ]
     chosen = {judge_rollouts(list(order)).subtask_id for order in itertools.permutations(results)}
     assert chosen == {"job-00000~r2"}
 
@@ -322,14 +336,21 @@ def test_contrast_of_generic_agents_says_which_rollout_succeeded_where_others_fa
 
 def test_rollouts_that_all_ended_alike_teach_nothing_by_contrast():
     assert contrast([rollout(0, k=2, value={}), rollout(1, k=2, value={})]) is None
-    assert contrast([rollout(0, k=1, value=fix_value("flip_comparison", [("flip_comparison", True)]))]) is None
+    assert (
+        contrast([rollout(0, k=1, value=fix_value("flip_comparison", [("flip_comparison", True)]))]) is None
+    )
 
 
 # --- the sink -------------------------------------------------------------------------------------
 def test_rollout_sink_logs_every_rollout_and_one_grouped_result_and_stores_its_lesson():
     main, rollouts, stored = ListSink(), ListSink(), []
-    sink = RolloutSink(main, rollouts, RolloutGroups(3), store_lesson=lambda ns, args: stored.append((ns, args)),
-                       lesson_namespace="swarm/job/lessons")
+    sink = RolloutSink(
+        main,
+        rollouts,
+        RolloutGroups(3),
+        store_lesson=lambda ns, args: stored.append((ns, args)),
+        lesson_namespace="swarm/job/lessons",
+    )
     for result in three_rollouts():
         sink.append(result)
     sink.append_event(PhaseEvent(Phase.EXECUTE, "w0", 1.0, 2.0, "job-00000~r0"))
@@ -354,8 +375,9 @@ def test_a_failing_lesson_store_never_loses_the_result():
 
 # --- the plan -------------------------------------------------------------------------------------
 def job(matts: Matts | None, **fields: Any) -> Job:
-    return Job(AgentRef.python(FIXER, timeout_s=60), TaskList([{"module": "a.py"}]), name="mj", matts=matts,
-               **fields)
+    return Job(
+        AgentRef.python(FIXER, timeout_s=60), TaskList([{"module": "a.py"}]), name="mj", matts=matts, **fields
+    )
 
 
 def test_a_plan_without_matts_changes_nothing():
@@ -388,7 +410,7 @@ def test_a_parallel_plan_expands_subtasks_and_groups_results_through_its_sink():
     plan = MattsPlan.for_job(job(Matts("parallel", k=3)))
     main, rollouts = ListSink(), ListSink()
     sink = plan.wrap_sink(main, rollouts)
-    dispatched = list(plan.transform(subtasks(2), sink.groups))
+    dispatched = list(plan.transform(subtasks(2), sink))
     assert len(dispatched) == 6
     for rolled in reversed(dispatched):
         sink.append(SubtaskResult(rolled.id, rolled.index, True, value={"passed": True}))
@@ -421,7 +443,58 @@ def test_an_attempt_succeeds_by_passed_then_ok_then_by_returning():
 
 def test_untried_strategies_come_first_in_the_next_attempt():
     history = [fix_value(None, [("widen_upper_bound", False)]), {"error": {"code": "agent_failed"}}]
-    task = untried_strategies_first({"strategy_order": ["widen_upper_bound", "guard_none", "reverse_sort"]},
-                                    history)
+    task = untried_strategies_first(
+        {"strategy_order": ["widen_upper_bound", "guard_none", "reverse_sort"]}, history
+    )
     assert task["strategy_order"] == ["guard_none", "reverse_sort", "widen_upper_bound"]
     assert failed_strategies(history) == ["widen_upper_bound"]
+
+
+# --- through the real coordinator and ledger ---------------------------------------------------------
+class BarrierWorker:
+    """A worker whose run only finishes once ``barrier`` has as many runs waiting as it has parties."""
+
+    def __init__(self, worker_id: str, pool: cf.ThreadPoolExecutor, barrier: threading.Barrier) -> None:
+        self.worker_id = worker_id
+        self.node_id = "node"
+        self._pool = pool
+        self._barrier = barrier
+
+    def run(self, subtask: Subtask) -> cf.Future:
+        def work() -> tuple[SubtaskResult, list[PhaseEvent]]:
+            self._barrier.wait(timeout=30)
+            value = {"passed": subtask.task["rollout"] == 1, "attempts": 1 + subtask.task["rollout"]}
+            return SubtaskResult(subtask.id, subtask.index, True, value=value, worker_id=self.worker_id), []
+
+        return self._pool.submit(work)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class BarrierFleet:
+    def __init__(self, parties: int) -> None:
+        self._pool = cf.ThreadPoolExecutor(max_workers=2 * parties)
+        self._barrier = threading.Barrier(parties)
+
+    def launch(self, worker_id: str) -> cf.Future:
+        done: cf.Future = cf.Future()
+        done.set_result((BarrierWorker(worker_id, self._pool, self._barrier), []))
+        return done
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def test_rollouts_of_one_subtask_run_at_once_on_different_workers_through_the_coordinator():
+    plan = MattsPlan.for_job(job(Matts("parallel", k=3), workers=3))
+    main, rollouts = ListSink(), ListSink()
+    sink = plan.wrap_sink(main, rollouts)
+    # Each run waits for two others: a subtask's three rollouts can only finish by running together.
+    stats = Coordinator(BarrierFleet(3), sink, workers=3).run(plan.transform(subtasks(4), sink))
+    assert stats.done == 12
+    assert [r.subtask_id for r in main.results] == [f"job-{i:05d}" for i in range(4)]
+    for grouped in main.results:
+        assert {r["worker_id"] for r in grouped.value["rollouts"]} == {"w001", "w002", "w003"}
+        assert grouped.value["matts"]["winner"] == 1
+    assert len(rollouts.results) == 12

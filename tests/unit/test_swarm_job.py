@@ -17,7 +17,13 @@ from rayflow.swarm.job import (
     subtasks_of,
 )
 from rayflow.swarm.model import Subtask
-from rayflow.swarm.worker import HubAccess, WorkerPlan, agent_launcher_argv, parse_runner_output, result_from_run
+from rayflow.swarm.worker import (
+    HubAccess,
+    WorkerPlan,
+    agent_launcher_argv,
+    parse_runner_output,
+    result_from_run,
+)
 
 
 def three_tasks(job_task):
