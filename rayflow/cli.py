@@ -6,7 +6,7 @@ import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rayflow.config import Config, load_config
 from rayflow.display import retrieval_table
 from rayflow.errors import RayflowError
 from rayflow.sandbox.image import DEFAULT_WITH_HUB_CLIENT
+
+if TYPE_CHECKING:
+    from rayflow.swarm.job import Job
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 memory_app = typer.Typer(no_args_is_help=True, help="Work with a local ReasoningBank.")
@@ -345,17 +348,164 @@ def sandbox_gc(
 
 @app.command("demo")
 def demo(
+    modules: int = typer.Option(24, min=1, help="Broken modules the swarm fixes."),
+    workers: int = typer.Option(2, min=1, help="Sandboxed workers at once."),
+    backend: str = typer.Option("auto", help="Sandbox backend: auto, docker, local or process."),
+    seed: int = typer.Option(0, help="Seed of the generated codebase."),
+    out: Path = typer.Option(Path("rayflow-demo-out"), help="Where timelines, plots and JSON go."),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)."
+    ),
+    progress: bool = typer.Option(True, help="Show live progress bars."),
+    memory_only: bool = typer.Option(
+        False, "--memory-only", help="Run the ReasoningBank walkthrough instead (no Ray, no sandboxes)."
+    ),
     state_dir: Optional[Path] = typer.Option(
-        None, "--state-dir", help="Where the demo keeps its bank (default: a fresh temporary directory)."
+        None, "--state-dir", help="With --memory-only: where the bank lives (default: a temporary directory)."
     ),
     plot: Optional[Path] = typer.Option(
-        Path("demo-reliability.png"), help="Where to save the learning plot (needs matplotlib)."
+        Path("demo-reliability.png"), help="With --memory-only: where to save the learning plot."
     ),
 ) -> None:
-    """Run the main demo job."""
-    from rayflow.jobs.memory_demo import run_memory_demo
+    """Run the main demo job: a swarm fixes a codebase with memory off, then twice with memory."""
+    if memory_only:
+        from rayflow.jobs.memory_demo import run_memory_demo
 
-    run_memory_demo(console, state_dir=state_dir, plot_path=plot)
+        run_memory_demo(console, state_dir=state_dir, plot_path=plot)
+        return
+    from rayflow.jobs.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        modules=modules, workers=workers, backend=backend, seed=seed, out=out, address=address, progress=progress
+    )
+    result = run_demo(settings, console)
+    if not (result.numbers["all_passed"] and result.numbers["exactly_once"]):
+        raise typer.Exit(1)
+
+
+def _load_tasks(path: Path) -> list[dict]:
+    """Task payloads from a JSON file: a list of objects, or ``{"tasks": [...]}``."""
+    from rayflow.errors import InvalidInputError
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InvalidInputError(f"{path} is not JSON: {exc}") from None
+    if isinstance(data, dict):
+        data = data.get("tasks")
+    if not isinstance(data, list) or not all(isinstance(task, dict) for task in data):
+        raise InvalidInputError(f"{path} must hold a list of task objects (or {{'tasks': [...]}})")
+    return data
+
+
+def job_from_options(
+    *,
+    agent_shell: Optional[str],
+    agent_python: Optional[str],
+    tasks: Optional[Path],
+    glob: Optional[str],
+    repo: Optional[Path],
+    upload: Optional[Path] = None,
+    name: str = "",
+    workers: int = 4,
+    backend: str = "auto",
+    memory: bool = True,
+    namespaces: tuple[str, ...] = (),
+    tenant: str = "default",
+    agent_timeout_s: float = 600.0,
+) -> Job:
+    """The job ``rayflow run`` describes: exactly one agent and exactly one decomposition."""
+    from rayflow.errors import ConfigError
+    from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
+
+    if (agent_shell is None) == (agent_python is None):
+        raise ConfigError("give exactly one of --agent-shell and --agent-python")
+    if (tasks is None) == (glob is None):
+        raise ConfigError("give exactly one of --tasks and --glob")
+    if glob is not None and repo is None:
+        raise ConfigError("--glob needs --repo (the directory it matches in)")
+    agent = (
+        AgentRef.shell(agent_shell, timeout_s=agent_timeout_s)
+        if agent_shell is not None
+        else AgentRef.python(str(agent_python), timeout_s=agent_timeout_s)
+    )
+    decomposition = TaskList(_load_tasks(tasks)) if tasks is not None else FileGlob(str(repo), str(glob))
+    return Job(
+        agent,
+        decomposition,
+        name=name,
+        tenant=tenant,
+        memory=memory,
+        memory_namespaces=namespaces,
+        backend=backend,
+        workers=workers,
+        upload=str(upload) if upload is not None else (str(repo) if repo is not None else None),
+    )
+
+
+@app.command("run")
+def run(
+    agent_shell: Optional[str] = typer.Option(
+        None, "--agent-shell", help="Shell command run per subtask (the task arrives as JSON on stdin)."
+    ),
+    agent_python: Optional[str] = typer.Option(
+        None, "--agent-python", help="'module:function' called per subtask with an AgentContext."
+    ),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="JSON file: a list of task objects."),
+    glob: Optional[str] = typer.Option(None, "--glob", help="One subtask per file of --repo matching this."),
+    repo: Optional[Path] = typer.Option(None, "--repo", help="Repository the glob matches in (also uploaded)."),
+    upload: Optional[Path] = typer.Option(
+        None, "--upload", help="Directory copied into every sandbox (default: --repo)."
+    ),
+    name: str = typer.Option("", "--name", help="Job name (default: generated)."),
+    workers: int = typer.Option(4, min=1, help="Sandboxed workers at once."),
+    backend: str = typer.Option("auto", help="Sandbox backend: auto, docker, local or process."),
+    memory: bool = typer.Option(True, help="Give agents a hub token (memory on)."),
+    namespace: list[str] = typer.Option(
+        [], "--namespace", "-n", help="Extra memory namespace pattern agents may use (repeatable; 'ns/*')."
+    ),
+    tenant: str = TenantOption,
+    agent_timeout_s: float = typer.Option(600.0, "--agent-timeout-s", help="Limit of one subtask's agent run."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS or local)."),
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="Save the run's timeline as this PNG."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Save the whole result as JSON here."),
+    max_rows: int = typer.Option(50, min=4, help="Rows of the result table at most."),
+    progress: bool = typer.Option(True, help="Show live progress bars."),
+) -> None:
+    """Run one swarm job on a Ray cluster and print its result table."""
+    job = job_from_options(
+        agent_shell=agent_shell,
+        agent_python=agent_python,
+        tasks=tasks,
+        glob=glob,
+        repo=repo,
+        upload=upload,
+        name=name,
+        workers=workers,
+        backend=backend,
+        memory=memory,
+        namespaces=tuple(namespace),
+        tenant=tenant,
+        agent_timeout_s=agent_timeout_s,
+    )
+    import rayflow
+    from rayflow.api import Swarm
+
+    rayflow.init(address, log_to_driver=False, logging_level="WARNING")
+    result = Swarm().run(job, progress=progress)
+    console.print(result.table(max_rows=max_rows))
+    if result.report:
+        console.print(result.report, markup=False, highlight=False)
+    if timeline is not None:
+        console.print(f"timeline: {result.timeline().plot(timeline)}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(result.to_json())
+        console.print(f"result: {json_out}")
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.spec import SandboxSpec
 from rayflow.swarm.coordinator import Coordinator, Fleet, RunStats
 from rayflow.swarm.job import AgentRef, Job, decomposition_to_wire, iter_subtasks, iter_task_payloads
+from rayflow.swarm.matts import MattsPlan
 from rayflow.swarm.model import Pattern, Phase, PhaseEvent, Subtask, SubtaskResult
 from rayflow.swarm.recovery import find_recorded_result
 from rayflow.swarm.results_log import ResultsLog
@@ -99,7 +100,14 @@ class JobRunner:
         log_file = ResultsLog(self.results_path)
         log_file.set_meta(job_id=job.name, pattern=job.pattern.value, backend=job.backend, workers=job.workers,
                           memory=job.memory, started_at=self._clock())
+        matts = MattsPlan.for_job(job)
+        # The coordinator's own steps keep the job's agent; workers get the MaTTS one (sequential).
         plan = WorkerPlan.for_job(job, self._hub.access if self._hub is not None else None)
+        worker_plan = WorkerPlan.for_job(matts.job, self._hub.access if self._hub is not None else None)
+        rollouts_log = ResultsLog(matts.rollouts_path(self.results_path)) if matts.parallel else None
+        sink = matts.wrap_sink(
+            log_file, rollouts_log, store_lesson=self._store_lesson if self._hub is not None else None
+        )
         try:
             if job.pattern is Pattern.FULL_SANDBOX:
                 # Lazy: the coordinator's sandbox starts and decomposes while the workers provision.
@@ -107,15 +115,16 @@ class JobRunner:
             else:
                 subtasks = self._decompose(log_file)
             self.coordinator = Coordinator(
-                self._make_fleet(plan),
-                log_file,
+                self._make_fleet(worker_plan),
+                sink,
                 workers=job.workers,
                 max_dispatches=job.max_dispatches,
                 recover=self._recover if self._hub is not None else None,
                 on_progress=self._on_progress,
                 worker_prefix=f"{job.name}-w",
             )
-            stats = self.coordinator.run(subtasks)
+            stats = self.coordinator.run(matts.transform(subtasks, sink))
+            sink.finish()
             stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             if self._collect_garbage is not None:
                 self._sweep()
@@ -125,6 +134,8 @@ class JobRunner:
         finally:
             self._close()
             log_file.close()
+            if rollouts_log is not None:
+                rollouts_log.close()
 
     def _sweep(self) -> None:
         """Remove sandboxes of workers that died; a failed sweep is logged, the job's results stand."""
@@ -215,7 +226,8 @@ class JobRunner:
             from rayflow.hub.client import SyncHubClient
 
             assert self._hub is not None
-            token = self._hub.mint(f"{COORDINATOR}-{self.job.name}", [self.job.results_scope],
+            # The job's results and its shared memory (where MaTTS lessons go).
+            token = self._hub.mint(f"{COORDINATOR}-{self.job.name}", self.job.token_namespaces(),
                                    self.job.token_ttl_s)
             access = self._hub.access
             self._client = SyncHubClient(access.host, access.port, ca_pem=access.ca_pem, token=token)
@@ -227,6 +239,10 @@ class JobRunner:
         except RayflowError as exc:
             log.warning("hub lookup for %s failed: %s", subtask.id, exc)
             return None
+
+    def _store_lesson(self, namespace: str, arguments: dict[str, Any]) -> None:
+        """Store a MaTTS contrast lesson (what won against what failed) with the coordinator's token."""
+        self._hub_client().store_pattern(namespace=namespace, **arguments)
 
     def _store_report(self, report: str) -> None:
         try:

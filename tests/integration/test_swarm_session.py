@@ -125,3 +125,46 @@ def _map(future: cf.Future, convert) -> cf.Future:
     future.add_done_callback(lambda f: out.set_exception(f.exception()) if f.exception() else
                              out.set_result(convert(f.result())))
     return out
+
+
+def fixing_tasks(root: Path, namespace: str) -> list[dict]:
+    from rayflow.swarm.demo_codebase import decompose_codebase, generate_codebase
+
+    generate_codebase(root, 3, seed=5)
+    return [{**task, "memory": True, "namespace": namespace} for task in decompose_codebase(root)]
+
+
+def test_parallel_matts_keeps_every_rollout_and_stores_a_contrast_lesson(hub, session, tmp_path):
+    from rayflow.swarm.job import Matts
+    from rayflow.swarm.results_log import ResultsLog
+
+    tasks = fixing_tasks(tmp_path / "code", "lessons/mp")
+    job = Job(AgentRef.python("rayflow.agents.fixer:fix_module"), TaskList(tasks), name="mp", tenant="acme",
+              backend="process", workers=2, upload=str(tmp_path / "code"), memory_namespaces=("lessons/mp/*",),
+              matts=Matts("parallel", k=2))
+    runner = JobRunner(job, thread_fleet(session, ProcessBackend()), tmp_path / "out", hub=session)
+    outcome = runner.run()
+    assert outcome.summary["subtasks"] == 3 and outcome.summary["ok"] == 3
+    results = list(ResultsLog(outcome.results_path, readonly=True))
+    assert all(len(r.value["rollouts"]) == 2 for r in results)
+    rollouts = list(ResultsLog(Path(outcome.results_path).with_name("mp.rollouts.jsonl"), readonly=True))
+    assert len(rollouts) == 6
+    assert read_namespace(hub, "lessons/mp", "fix strategy")
+
+
+def test_sequential_matts_refines_inside_one_sandbox_until_success(hub, session, tmp_path):
+    from rayflow.swarm.job import Matts
+
+    tasks = [{**task, "max_attempts": 4} for task in fixing_tasks(tmp_path / "code", "lessons/ms")]
+    job = Job(AgentRef.python("rayflow.agents.fixer:fix_module"), TaskList(tasks), name="ms", tenant="acme",
+              backend="process", workers=2, upload=str(tmp_path / "code"), memory_namespaces=("lessons/ms/*",),
+              matts=Matts("sequential", r=10))
+    outcome = JobRunner(job, thread_fleet(session, ProcessBackend()), tmp_path / "out", hub=session).run()
+    assert outcome.summary["ok"] == 3
+    from rayflow.swarm.results_log import ResultsLog
+
+    for result in ResultsLog(outcome.results_path, readonly=True):
+        refinements = result.value["refinements"]
+        assert result.value["passed"] and 1 <= len(refinements) <= 10
+        # It stopped at the first success: only the last refinement passed.
+        assert [bool(step.get("succeeded")) for step in refinements] == [False] * (len(refinements) - 1) + [True]
