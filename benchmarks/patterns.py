@@ -4,7 +4,8 @@ Ten agents whose work is one model call of 2 s (a local stand-in for the Anthrop
 that answers after a fixed delay, as an LLM API would), each also reading and writing memory over
 QUIC, run through the real swarm on a local Ray cluster:
 
-* ``native``: workers on the process backend (no isolation): the baseline of the same run;
+* ``native``: workers on the process backend (no isolation), started before the job as a native
+  swarm keeps its agents running: the baseline of the same run;
 * ``a_warm``: pattern A, sandboxed workers taken from a warm pool (started before the job);
 * ``a_cold``: pattern A, every sandbox created when the job asks for it;
 * ``b``: pattern B, workers warm and the coordinator's decomposition and synthesis in a sandbox
@@ -131,7 +132,7 @@ def main() -> int:
             swarm.run(model_job("bench-warmup", backend=backend, port=port), progress=False, timeout_s=600)
             for round_index in range(repeats):
                 plans = {
-                    "native": model_job(f"native-{round_index}", backend="process", port=port),
+                    "native": model_job(f"native-{round_index}", backend="process", port=port, warm=True),
                     "a_warm": model_job(f"a-warm-{round_index}", backend=backend, port=port, warm=True),
                     "a_cold": model_job(f"a-cold-{round_index}", backend=backend, port=port),
                     "b": model_job(f"b-{round_index}", backend=backend, port=port, pattern="B", warm=True),

@@ -126,7 +126,8 @@ class Swarm:
 
         Their sandboxes are created now, so a later ``run`` of a job with ``warm_pool=True`` and the
         same sandbox profile (backend, tenant, image, limits, network) skips the cold start. Each warm
-        worker serves one job only and is then destroyed; returns how many are waiting.
+        worker serves one job only and is then destroyed; returns how many are waiting. Warm workers
+        hold their Ray resources (CPU) while they wait, so prewarm only what the next job will use.
         """
         import ray
 
@@ -221,9 +222,6 @@ class Swarm:
             ray.kill(coordinator)
             self._coordinator = None
             raise
-        if job.warm_pool:
-            # Refill in the background so the next job of this profile starts warm too.
-            self.prewarm(job, job.workers, wait=False)
         return JobResult.from_log(ResultsLog(outcome["results_path"], readonly=True), outcome["report"])
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,6 +29,9 @@ from rayflow.swarm.model import PhaseEvent, Subtask, SubtaskResult
 from rayflow.swarm.worker import WorkerCore
 
 log = logging.getLogger("rayflow.swarm.coordinator")
+
+#: How often the loop looks at workers that are still starting, while nothing else happens.
+LAUNCH_CHECK_S = 1.0
 
 #: What a worker's run gives back.
 RunOutcome = tuple[SubtaskResult, list[PhaseEvent]]
@@ -103,6 +107,10 @@ class Coordinator:
         on_progress: Callable[[RunStats], None] | None = None,
         worker_prefix: str = "w",
         max_launch_failures: int | None = None,
+        launch_timeout_s: float = 600.0,
+        launch_check_s: float = LAUNCH_CHECK_S,
+        close_fleet: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -114,6 +122,11 @@ class Coordinator:
         self._on_progress = on_progress
         self._prefix = worker_prefix
         self._max_launch_failures = max_launch_failures if max_launch_failures is not None else 3 * workers
+        self._launch_timeout_s = launch_timeout_s
+        self._launch_check_s = launch_check_s
+        #: False when the caller closes the fleet itself (after its report, so cleanup is not waited on first).
+        self._close_fleet = close_fleet
+        self._clock = clock
         self._serial = 0
         self._cancelled = threading.Event()
         self.stats = RunStats()
@@ -129,13 +142,16 @@ class Coordinator:
     def run(self, subtasks: Iterable[Subtask]) -> RunStats:
         ledger = DispatchLedger(subtasks, max_dispatches=self._max_dispatches)
         launching: dict[cf.Future[Any], str] = {}
+        launched_at: dict[cf.Future[Any], float] = {}
         running: dict[cf.Future[Any], tuple[WorkerHandle, Assignment]] = {}
         idle: list[WorkerHandle] = []
         live: dict[str, WorkerHandle] = {}
 
         def launch() -> None:
             worker_id = self._next_worker_id()
-            launching[self._fleet.launch(worker_id)] = worker_id
+            future = self._fleet.launch(worker_id)
+            launching[future] = worker_id
+            launched_at[future] = self._clock()
             self.stats.launched += 1
 
         def dispatch() -> None:
@@ -175,10 +191,12 @@ class Coordinator:
                         handle = idle.pop()
                         live.pop(handle.worker_id, None)
                         handle.stop()
-                done, _ = cf.wait([*launching, *running], return_when=cf.FIRST_COMPLETED)
+                done, _ = cf.wait([*launching, *running], timeout=self._launch_check_s, return_when=cf.FIRST_COMPLETED)
+                self._give_up_slow_launches(launching, launched_at)
                 for future in done:
                     if future in launching:
                         worker_id = launching.pop(future)
+                        launched_at.pop(future, None)
                         try:
                             handle, events = future.result()
                         except BaseException as exc:  # noqa: BLE001 - a failed start is counted and retried
@@ -215,8 +233,23 @@ class Coordinator:
                 handle.stop()
             for future in launching:
                 future.add_done_callback(_stop_when_started)
-            self._fleet.close()
+            if self._close_fleet:
+                self._fleet.close()
         return self.stats
+
+    def _give_up_slow_launches(
+        self, launching: dict[cf.Future[Any], str], launched_at: dict[cf.Future[Any], float]
+    ) -> None:
+        """A worker that cannot start in time (no node has the resources it asks for, an image that
+        never builds) counts as a failed start; if it starts later after all, it is stopped."""
+        now = self._clock()
+        for future, started in list(launched_at.items()):
+            if not future.done() and now - started > self._launch_timeout_s:
+                worker_id = launching.pop(future)
+                del launched_at[future]
+                self.stats.launch_failures += 1
+                self.stats.errors.append(f"{worker_id}: did not start within {self._launch_timeout_s:.0f} s")
+                future.add_done_callback(_stop_when_started)
 
     def _worker_lost(
         self,

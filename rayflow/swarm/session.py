@@ -108,30 +108,39 @@ class JobRunner:
         sink = matts.wrap_sink(
             log_file, rollouts_log, store_lesson=self._store_lesson if self._hub is not None else None
         )
+        fleet: Fleet | None = None
         try:
             if job.pattern is Pattern.FULL_SANDBOX:
                 # Lazy: the coordinator's sandbox starts and decomposes while the workers provision.
                 subtasks: Iterator[Subtask] = self._decompose_in_sandbox(plan, log_file)
             else:
                 subtasks = self._decompose(log_file)
+            fleet = self._make_fleet(worker_plan)
             self.coordinator = Coordinator(
-                self._make_fleet(worker_plan),
+                fleet,
                 sink,
                 workers=job.workers,
                 max_dispatches=job.max_dispatches,
                 recover=self._recover if self._hub is not None else None,
                 on_progress=self._on_progress,
                 worker_prefix=f"{job.name}-w",
+                close_fleet=False,
             )
             stats = self.coordinator.run(matts.transform(subtasks, sink))
             sink.finish()
             stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            if self._collect_garbage is not None:
-                self._sweep()
             report = self._synthesize(log_file)
             log_file.set_meta(finished_at=self._clock(), coordinator=dataclasses.asdict(stats))
+            # Cleanup after the report: workers remove their sandboxes (waited for, so nothing is
+            # left once run() returns); a sweep for the sandboxes of workers that died, if any did.
+            fleet.close()
+            fleet = None
+            if self._collect_garbage is not None and (stats.worker_failures or stats.launch_failures):
+                self._sweep()
             return JobOutcome(job.name, job.pattern.value, str(self.results_path), log_file.summary(), report, stats)
         finally:
+            if fleet is not None:
+                fleet.close()
             self._close()
             log_file.close()
             if rollouts_log is not None:
