@@ -229,7 +229,11 @@ def _known_subtask_count(job: Job) -> int:
     """How many subtasks the job has, when that is known before decomposing (else 0: the bar grows)."""
     from rayflow.swarm.job import TaskList
 
-    return len(job.decomposition.tasks) if isinstance(job.decomposition, TaskList) else 0
+    if not isinstance(job.decomposition, TaskList):
+        return 0
+    # Parallel MaTTS dispatches k rollouts per subtask, and progress counts dispatched work.
+    rollouts = job.matts.k if job.matts is not None and job.matts.mode == "parallel" else 1
+    return len(job.decomposition.tasks) * rollouts
 
 
 def _advance(display: Any, seen: dict[str, int], stats: dict[str, Any]) -> None:
