@@ -1,4 +1,4 @@
-"""Command line of the in-sandbox runtime: ``python -m rayflow.agent serve | run SPEC | --version``.
+"""Command line of the in-sandbox runtime: ``python -m rayflow.agent serve | run SPEC | host | --version``.
 
 Plain ``argparse`` on purpose: the sandbox image carries no CLI framework.
 
@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(name, type=kind, help=text)
     run = commands.add_parser("run", help="run the subtask described by a JSON file; print a JSON result")
     run.add_argument("spec_file", help="path of the subtask spec (JSON)")
+    host = commands.add_parser("host", help="serve subtask runs from a pre-imported process on a unix socket")
+    host.add_argument("--socket", default=None, help="path of the socket (default: .rayflow/agent-host.sock)")
+    host.add_argument("--preload", default="", help="comma-separated modules to import ahead of time")
+    host.add_argument("--detach", action="store_true", help="return once the socket listens; serve in the background")
+    host.add_argument("--log", default=None, help="where a detached host writes its log (default: SOCKET.log)")
     return parser
 
 
@@ -100,6 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rayflow.agent.server import serve_stdio
 
         return serve_stdio(**serve)  # type: ignore[arg-type]
+    if parsed.command == "host":
+        from rayflow.agent.host import DEFAULT_SOCKET, parse_preload, serve_host
+
+        return serve_host(
+            parsed.socket or DEFAULT_SOCKET,
+            preload_names=parse_preload(parsed.preload),
+            detach=parsed.detach,
+            log_path=parsed.log,
+        )
     from rayflow.agent.runner import run_spec_file
 
     return run_spec_file(parsed.spec_file)

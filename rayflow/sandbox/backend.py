@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from rayflow.sandbox.spec import ExecResult, SandboxSpec, SandboxStats
 
@@ -54,6 +54,11 @@ class Sandbox(Protocol):
         ...
 
     def stats(self) -> SandboxStats: ...
+
+    def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Round trip to the in-sandbox runtime; it answers with its protocol, pid, interpreter and
+        import path (so the host can start more Python in the sandbox exactly as the runtime runs)."""
+        ...
 
     def destroy(self) -> None:
         """Stop and remove everything the sandbox holds; calling it again does nothing."""

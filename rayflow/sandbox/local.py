@@ -10,8 +10,9 @@ Isolation, and why each piece:
   starts in a network namespace of its own wired to the host by one fenced veth pair
   (:mod:`rayflow.sandbox.local_network`), which lets it reach the allowed endpoints only.
 * The host filesystem is *not* bound whole: only ``/usr`` (and the ``/bin``, ``/lib*`` links),
-  a short list of harmless ``/etc`` files, the Python installation, and the two packages the
-  runtime needs (``rayflow`` and ``msgpack``) under ``/opt/rayflow/lib``. Home directories, the
+  a short list of harmless ``/etc`` files, the Python installation, and the packages the
+  runtime needs (``rayflow``, ``msgpack``, and the hub client's: aioquic and its dependencies)
+  under ``/opt/rayflow/lib``. Home directories, the
   repository's state, ``/etc/shadow`` and keys are simply absent. All of it is read-only.
 * ``/tmp`` and the workdir are private size-limited tmpfs mounts, gone with the sandbox.
 * The runtime runs as a uid of its own (one per sandbox, from a high range no account uses), with
@@ -93,6 +94,28 @@ HOSTNAME = "sandbox"
 
 
 # --- host layout ------------------------------------------------------------------------------
+def hub_client_packages() -> tuple[tuple[str, str], ...]:
+    """(host path, name) of every top-level module of the hub client's distributions installed here.
+
+    The same set the Docker image carries (:func:`rayflow.sandbox.image.hub_client_distributions`),
+    so an agent in a bubblewrap sandbox reaches memory over QUIC as one in a container does; empty
+    when the client's packages are not installed (agents then get a clear error on ``memory``).
+    """
+    from rayflow.sandbox.image import hub_client_distributions
+
+    found: dict[str, str] = {}
+    for dist in hub_client_distributions() or []:
+        for file in dist.files or []:
+            top = file.parts[0]
+            if top in found or top.endswith((".dist-info", ".egg-info", ".data")) or top in ("..", "__pycache__"):
+                continue
+            path = os.path.realpath(str(dist.locate_file(top)))
+            if os.path.exists(path):
+                found[top] = path
+    return tuple((path, name) for name, path in sorted(found.items()))
+
+
+
 @dataclass(frozen=True)
 class HostLayout:
     """What of the host a sandbox needs: system dirs, the Python install, the runtime's packages."""
@@ -125,7 +148,7 @@ class HostLayout:
         packages = tuple(
             (os.path.realpath(os.path.dirname(module.__file__ or "")), name)
             for module, name in ((rayflow, "rayflow"), (msgpack, "msgpack"))
-        )
+        ) + hub_client_packages()
         dirs, links = [], []
         for path in SYSTEM_DIRS:
             if os.path.islink(path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from rayflow.sandbox.backend import OutputCallback, Sandbox
 from rayflow.sandbox.spec import ExecResult, KillReason, SandboxSpec, SandboxStats
@@ -66,6 +66,9 @@ class SandboxWrapper:
 
     def stats(self) -> SandboxStats:
         return self._inner.stats()
+
+    def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
+        return self._inner.ping(timeout_s)
 
     def destroy(self) -> None:
         self._inner.destroy()

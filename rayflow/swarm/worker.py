@@ -225,8 +225,7 @@ class WorkerCore:
         try:
             if self.plan.upload:
                 sandbox.upload(Path(self.plan.upload), ".")
-            ping = getattr(sandbox, "ping", None)
-            self._identity = dict(ping()) if callable(ping) else {}
+            self._identity = dict(sandbox.ping())
         except BaseException:
             self.close()
             raise

@@ -84,6 +84,7 @@ def test_demo_job_runs_end_to_end(tmp_path):
             "-m",
             "rayflow",
             "demo",
+            "--memory-only",
             "--state-dir",
             str(tmp_path / "state"),
             "--plot",

@@ -42,7 +42,7 @@ def session(hub) -> HubSession:
     return HubSession(HubAccess(host, port, hub.ca_pem), mint)
 
 
-def thread_fleet(session: HubSession, backend: ProcessBackend, workers: int = 2):
+def thread_fleet(session: HubSession, backend, workers: int = 2):
     def make(plan: WorkerPlan) -> ThreadFleet:
         return ThreadFleet(
             lambda worker_id: WorkerCore(worker_id, plan, backend.create, hub=session.access,
@@ -58,6 +58,21 @@ def read_namespace(hub: BackgroundHub, namespace: str, query: str) -> list[dict]
     token = hub.issue_token("reader", "acme", [f"{namespace}/*"], ["reasoningbank:read"])
     with SyncHubClient(host, port, ca_pem=hub.ca_pem, token=token) as client:
         return [hit["item"] for hit in client.search(query, k=20, namespace=namespace)]
+
+
+def test_a_python_agent_in_bubblewrap_sandboxes_reaches_the_hub_from_its_network_namespace(hub, session, tmp_path):
+    from rayflow.sandbox.local import LocalBackend
+    from rayflow.swarm.demo_codebase import decompose_codebase, generate_codebase
+
+    generate_codebase(tmp_path / "code", 2, seed=1)
+    tasks = [{**task, "memory": True, "namespace": "lessons/local"} for task in decompose_codebase(tmp_path / "code")]
+    job = Job(AgentRef.python("rayflow.agents.fixer:fix_module"), TaskList(tasks), name="loc", tenant="acme",
+              backend="local", workers=2, upload=str(tmp_path / "code"), memory_namespaces=("lessons/local/*",))
+    backend = LocalBackend()
+    outcome = JobRunner(job, thread_fleet(session, backend), tmp_path / "out", hub=session).run()
+    assert outcome.summary["ok"] == 2, outcome.report
+    assert read_namespace(hub, "lessons/local", "fix")
+    assert backend.owned() == []
 
 
 def test_pattern_a_runs_every_subtask_and_stores_results_and_report_in_the_hub(hub, session, tmp_path):
