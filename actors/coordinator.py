@@ -21,8 +21,8 @@ from rayflow.sandbox.select import probe_engine, select_backend
 from rayflow.swarm.coordinator import RunStats
 from rayflow.swarm.job import Job
 from rayflow.swarm.model import Pattern
-from rayflow.swarm.session import HubSession, JobRunner
-from rayflow.swarm.worker import HubAccess, WorkerPlan
+from rayflow.swarm.session import HubSession, JobRunner, start_step_core
+from rayflow.swarm.worker import HubAccess, WorkerCore, WorkerPlan, sandbox_profile
 
 
 def hub_session(hub_region: str, tenant: str) -> HubSession:
@@ -43,6 +43,29 @@ class Coordinator:
     def __init__(self) -> None:
         self._runner: JobRunner | None = None
         self._stats = RunStats()
+        #: Started sandboxes for the steps of the next pattern-B job, by profile (each used once).
+        self._warm_steps: dict[tuple[Any, ...], WorkerCore] = {}
+
+    @staticmethod
+    def _step_key(job: Job, hub: HubSession | None) -> tuple[Any, ...]:
+        plan = WorkerPlan.for_job(job, hub.access if hub is not None else None)
+        return (job.backend, job.tenant, sandbox_profile(plan.spec))
+
+    def prewarm_steps(self, job: Job, hub_region: str | None = None) -> None:
+        """Start the coordinator's own sandbox for a coming pattern-B job like ``job``."""
+        hub = hub_session(hub_region, job.tenant) if hub_region is not None else None
+        key = self._step_key(job, hub)
+        if key in self._warm_steps:
+            return
+        create = select_backend(job.backend, allow_unisolated=job.backend == "process").create
+        plan = WorkerPlan.for_job(job, hub.access if hub is not None else None)
+        self._warm_steps[key], _ = start_step_core(plan, create, hub)
+
+    def close(self) -> None:
+        """Destroy sandboxes started for jobs that never came."""
+        for core in self._warm_steps.values():
+            core.close()
+        self._warm_steps.clear()
 
     def run(
         self,
@@ -73,14 +96,17 @@ class Coordinator:
             )
 
         step_sandboxes = None
+        step_core = None
         if job.pattern is Pattern.FULL_SANDBOX:
             step_sandboxes = select_backend(job.backend, allow_unisolated=job.backend == "process").create
+            step_core = self._warm_steps.pop(self._step_key(job, hub), None)
         self._runner = JobRunner(
             job,
             make_fleet,
             results_dir,
             hub=hub,
             create_step_sandbox=step_sandboxes,
+            step_core=step_core,
             collect_garbage=lambda: collect_garbage_on_nodes([job.backend]),
             on_progress=self._remember,
         )

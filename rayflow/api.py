@@ -145,8 +145,12 @@ class Swarm:
             tenant=job.tenant,
             region=self.region,
         )
+        steps = []
+        if job.pattern.value == "B":
+            # Pattern B's coordinator has a sandbox of its own for its steps: start it too.
+            steps.append(self._coordinator_actor().prewarm_steps.remote(job, self.hub_region))
         if wait:
-            ray.get([actor.ready.remote() for actor in actors])
+            ray.get([actor.ready.remote() for actor in actors] + steps)
         waiting = self._warm.setdefault(self._warm_key(job), [])
         waiting.extend(actors)
         return len(waiting)
@@ -170,6 +174,10 @@ class Swarm:
         if self._coordinator is not None:
             import ray
 
+            try:
+                ray.get(self._coordinator.close.remote(), timeout=120)
+            except Exception:  # noqa: BLE001 - a coordinator that cannot answer is killed regardless
+                log.warning("the coordinator did not close cleanly", exc_info=True)
             ray.kill(self._coordinator)
             self._coordinator = None
         for actors in self._warm.values():

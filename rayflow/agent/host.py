@@ -117,8 +117,12 @@ def parse_request(body: bytes) -> RunRequest | PingRequest:
 
 def _env_entry(name: object, value: object) -> bool:
     return (
-        isinstance(name, str) and isinstance(value, str) and bool(name)
-        and "=" not in name and "\0" not in name and "\0" not in value
+        isinstance(name, str)
+        and isinstance(value, str)
+        and bool(name)
+        and "=" not in name
+        and "\0" not in name
+        and "\0" not in value
     )
 
 
@@ -291,7 +295,9 @@ class AgentHost:
             log.warning("accepting a connection failed: %s", exc)
             return
         if len(self._waiting) + len(self._children) >= MAX_CONNECTIONS:
-            self._reply_and_close(conn, error_reply(OverloadedError("the agent host serves too many runs at once")))
+            self._reply_and_close(
+                conn, error_reply(OverloadedError("the agent host serves too many runs at once"))
+            )
             return
         conn.setblocking(False)
         waiting = _Waiting(conn, self._clock() + REQUEST_READ_S)
@@ -322,7 +328,9 @@ class AgentHost:
         if isinstance(request, PingRequest):
             self._forget_waiting(waiting)
             self._close_fds(waiting.fds)
-            reply = encode_reply("pong", pid=os.getpid(), preloaded=self.preloaded, children=len(self._children))
+            reply = encode_reply(
+                "pong", pid=os.getpid(), preloaded=self.preloaded, children=len(self._children)
+            )
             self._reply_and_close(waiting.conn, reply)
             return
         if len(waiting.fds) != STREAM_FDS:
@@ -384,7 +392,9 @@ class AgentHost:
             pid = os.fork()
         except OSError as exc:
             self._close_fds(waiting.fds)
-            self._reply_and_close(waiting.conn, error_reply(OverloadedError(f"cannot fork a child: {exc.strerror}")))
+            self._reply_and_close(
+                waiting.conn, error_reply(OverloadedError(f"cannot fork a child: {exc.strerror}"))
+            )
             return
         if pid == 0:
             self._become_child(waiting.conn, request, spec, waiting.fds)
@@ -448,7 +458,10 @@ class AgentHost:
             os.close(child.pidfd)
         if child.conn is not None:
             self._selector.unregister(child.conn)
-            self._reply_and_close(child.conn, encode_reply("exit", **exit_fields(os.waitstatus_to_exitcode(status), child.killed)))
+            self._reply_and_close(
+                child.conn,
+                encode_reply("exit", **exit_fields(os.waitstatus_to_exitcode(status), child.killed)),
+            )
             child.conn = None
 
     def _shut_down(self) -> None:
@@ -475,7 +488,9 @@ class AgentHost:
         self._wake_write.close()
 
     # -- in the child ----------------------------------------------------------------------------
-    def _become_child(self, conn: socket.socket, request: RunRequest, spec: dict[str, Any], fds: list[int]) -> None:
+    def _become_child(
+        self, conn: socket.socket, request: RunRequest, spec: dict[str, Any], fds: list[int]
+    ) -> None:
         """Run ``spec`` in this forked child and exit; never returns into the host's loop."""
         code = 1
         try:
@@ -604,13 +619,15 @@ def listen(socket_path: str) -> socket.socket:
     return listener
 
 
-def serve_host(socket_path: str, *, preload_names: Iterable[str] = (), detach: bool = False,
-               log_path: str | None = None) -> int:
+def serve_host(
+    socket_path: str, *, preload_names: Iterable[str] = (), detach: bool = False, log_path: str | None = None
+) -> int:
     """Entry point of ``python -m rayflow.agent host``: preload, listen, serve.
 
-    With ``detach`` the process returns (exit 0) once the socket listens, leaving a forked host
-    serving with its output in ``log_path`` (default: the socket's path + ``.log``): a caller that
-    can only run commands to completion (the sandbox's exec) thus learns when the host is ready.
+    Once the socket listens it prints :func:`ready_line`. With ``detach`` the process then exits 0,
+    leaving a forked host serving with its output in ``log_path`` (default: the socket's path +
+    ``.log``): a caller that can only run commands to completion (the sandbox's exec) thus learns
+    when the host is ready.
     The host stays in the sandbox's session, so destroying the sandbox kills it on every backend.
     """
     if answers(socket_path):
@@ -620,6 +637,8 @@ def serve_host(socket_path: str, *, preload_names: Iterable[str] = (), detach: b
     listener = listen(socket_path)
     if detach:
         _detach(log_path or f"{socket_path}.log", socket_path)
+    else:
+        print(ready_line(socket_path, os.getpid()), flush=True)
     host = AgentHost(listener, preloaded=loaded)
     owner = os.getpid()
     try:
@@ -630,6 +649,11 @@ def serve_host(socket_path: str, *, preload_names: Iterable[str] = (), detach: b
                 os.unlink(socket_path)
             except OSError:
                 pass
+
+
+def ready_line(socket_path: str, pid: int) -> str:
+    """What a host prints once its socket listens (callers may wait for this line)."""
+    return f"agent host ready at {socket_path} (pid {pid})"
 
 
 def _detach(log_path: str, socket_path: str) -> None:
@@ -646,7 +670,7 @@ def _detach(log_path: str, socket_path: str) -> None:
     os.close(log_fd)
     pid = os.fork()
     if pid:
-        os.write(ready, f"agent host ready at {socket_path} (pid {pid})\n".encode())
+        os.write(ready, f"{ready_line(socket_path, pid)}\n".encode())
         os._exit(0)
     os.close(ready)
     os.setpgid(0, 0)  # not a new session: destroying the sandbox's session must reach the host
@@ -664,6 +688,7 @@ __all__ = [
     "parse_preload",
     "parse_request",
     "read_spec",
+    "ready_line",
     "serve_host",
     "spec_timeout",
 ]

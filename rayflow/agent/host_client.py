@@ -84,7 +84,7 @@ def split_frames(buffer: bytearray) -> list[dict[str, object]]:
         message = json.loads(bytes(buffer[HEADER.size : HEADER.size + length]))
         del buffer[: HEADER.size + length]
         if not isinstance(message, dict):
-            raise ValueError("a reply frame holds no JSON object")
+            raise ValueError("a reply frame holds no JSON object")  # noqa: TRY004 - malformed, as bad JSON is
         messages.append(message)
     return messages
 
@@ -95,7 +95,7 @@ class Conclusion:
     ``fall_back`` set means the host did not take the request: run the spec without it.
     """
 
-    __slots__ = ("stdout", "exit_code", "signal", "note", "fall_back")
+    __slots__ = ("exit_code", "fall_back", "note", "signal", "stdout")
 
     def __init__(
         self,
@@ -143,16 +143,23 @@ def conclude(messages: list[dict[str, object]]) -> Conclusion:
         assert isinstance(result, dict)
         return Conclusion(json.dumps(result), 0 if result.get("ok") else 1)
     if exit_info is None:
-        return Conclusion(exit_code=EXIT_NO_RESULT, note="the agent host closed the connection without a result")
+        return Conclusion(
+            exit_code=EXIT_NO_RESULT, note="the agent host closed the connection without a result"
+        )
     if exit_info.get("killed") == "timeout":
-        deadline = {"ok": False, "error": {"code": "deadline_exceeded", "message": "the agent ran past its timeout"}}
+        deadline = {
+            "ok": False,
+            "error": {"code": "deadline_exceeded", "message": "the agent ran past its timeout"},
+        }
         return Conclusion(json.dumps(deadline), 1)
     signal_number = exit_info.get("signal")
     if isinstance(signal_number, int) and signal_number > 0:
         return Conclusion(exit_code=128 + signal_number, signal=signal_number)
     code = exit_info.get("exit_code")
-    return Conclusion(exit_code=code if isinstance(code, int) and code > 0 else EXIT_NO_RESULT,
-                      note="the agent runner ended without a result")
+    return Conclusion(
+        exit_code=code if isinstance(code, int) and code > 0 else EXIT_NO_RESULT,
+        note="the agent runner ended without a result",
+    )
 
 
 # --- I/O ----------------------------------------------------------------------------------------
@@ -203,7 +210,9 @@ def run(path: list[str], socket_path: str, spec_path: str) -> int:
     try:
         messages = exchange(socket_path, request, [0, 1, 2])
     except OSError as exc:
-        return fall_back(path, spec_path, f"the agent host does not answer at {socket_path}: {exc.strerror or exc}")
+        return fall_back(
+            path, spec_path, f"the agent host does not answer at {socket_path}: {exc.strerror or exc}"
+        )
     outcome = conclude(messages)
     if outcome.fall_back is not None:
         return fall_back(path, spec_path, outcome.fall_back)

@@ -37,6 +37,9 @@ from rayflow.swarm.worker import HubAccess, TokenMinter, WorkerCore, WorkerPlan
 
 log = logging.getLogger("rayflow.swarm.session")
 
+#: CPUs of the coordinator's own sandbox at least (pattern B).
+STEP_CPUS = 1.0
+
 COORDINATOR = "coordinator"
 DECOMPOSE_STEP = "rayflow.agents.steps:decompose"
 SYNTHESIZE_STEP = "rayflow.agents.steps:synthesize"
@@ -65,6 +68,29 @@ class JobOutcome:
     stats: RunStats
 
 
+def step_plan_for(plan: WorkerPlan) -> WorkerPlan:
+    """The plan of the coordinator's own sandbox: the job's sandbox profile with at least one CPU
+    (decomposition and synthesis sit on the job's critical path), running the steps agent."""
+    limits = plan.spec.limits
+    cpus = max(limits.cpus or STEP_CPUS, STEP_CPUS)
+    spec = replace(plan.spec, limits=replace(limits, cpus=cpus))
+    return replace(plan, spec=spec, agent=AgentRef.python(DECOMPOSE_STEP, timeout_s=plan.agent.timeout_s))
+
+
+def start_step_core(
+    plan: WorkerPlan, create_sandbox: Callable[[SandboxSpec], Sandbox], hub: HubSession | None
+) -> tuple[WorkerCore, list[PhaseEvent]]:
+    """Start the coordinator's own sandbox for a pattern-B job of ``plan``'s profile."""
+    core = WorkerCore(
+        COORDINATOR,
+        step_plan_for(plan),
+        create_sandbox,
+        hub=hub.access if hub is not None else None,
+        mint_token=hub.mint if hub is not None else None,
+    )
+    return core, core.start()
+
+
 class JobRunner:
     """Runs one :class:`Job`. ``run()`` once."""
 
@@ -76,11 +102,12 @@ class JobRunner:
         *,
         hub: HubSession | None = None,
         create_step_sandbox: Callable[[SandboxSpec], Sandbox] | None = None,
+        step_core: WorkerCore | None = None,
         collect_garbage: Callable[[], list[str]] | None = None,
         on_progress: Callable[[RunStats], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if job.pattern is Pattern.FULL_SANDBOX and create_step_sandbox is None:
+        if job.pattern is Pattern.FULL_SANDBOX and create_step_sandbox is None and step_core is None:
             raise InvalidInputError("pattern B needs a sandbox for the coordinator's own steps")
         self.job = job
         self._make_fleet = make_fleet
@@ -91,7 +118,9 @@ class JobRunner:
         self._clock = clock
         self.results_path = Path(results_dir) / f"{job.name}.jsonl"
         self._client: Any = None
-        self._step_core: WorkerCore | None = None
+        #: The coordinator's own sandbox (pattern B); a started one may be handed in (warm), and it
+        #: is destroyed with this job either way.
+        self._step_core: WorkerCore | None = step_core
         self.coordinator: Coordinator | None = None
 
     # -- the run -----------------------------------------------------------------------------
@@ -163,18 +192,11 @@ class JobRunner:
 
     # -- steps -------------------------------------------------------------------------------
     def _start_step_sandbox(self, plan: WorkerPlan, log_file: ResultsLog) -> None:
-        assert self._create_step_sandbox is not None
-        step_plan = replace(plan, agent=AgentRef.python(DECOMPOSE_STEP, timeout_s=plan.agent.timeout_s))
-        core = WorkerCore(
-            COORDINATOR,
-            step_plan,
-            self._create_step_sandbox,
-            hub=self._hub.access if self._hub is not None else None,
-            mint_token=self._hub.mint if self._hub is not None else None,
-        )
-        self._step_core = core
-        for event in core.start():
-            log_file.append_event(event)
+        if self._step_core is None:
+            assert self._create_step_sandbox is not None
+            self._step_core, events = start_step_core(plan, self._create_step_sandbox, self._hub)
+            for event in events:
+                log_file.append_event(event)
 
     def _run_step(self, target: str, task: dict[str, Any]) -> tuple[SubtaskResult, list[PhaseEvent]]:
         core = self._step_core

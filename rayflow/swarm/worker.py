@@ -9,9 +9,14 @@ plain process too. A worker:
 * holds a short-lived hub token scoped to the job's tenant and namespaces, minted by the hub and
   refreshed before it runs out; the token is handed to each agent run in its environment, never
   baked into the sandbox, so a refreshed token reaches the next subtask;
-* runs a subtask by writing the runner's spec into the sandbox and executing
-  ``python -m rayflow.agent run``; the agent's failure is a result, a dead sandbox is an error
-  (:class:`~rayflow.errors.SandboxError`) the coordinator answers by retrying elsewhere;
+* starts the sandbox's agent host (:mod:`rayflow.agent.host`) once the sandbox is provisioned:
+  a process that imports the runner and the hub client ahead of time and forks one child per
+  subtask, so an agent does not pay an interpreter's start and imports (a few hundred CPU
+  milliseconds, seconds of wall time under a fraction of a CPU) in every run;
+* runs a subtask by writing the runner's spec into the sandbox and executing the host's launcher
+  (:mod:`rayflow.agent.host_client`), which prints what ``python -m rayflow.agent run`` prints
+  and runs the spec itself when the host is gone; the agent's failure is a result, a dead sandbox
+  is an error (:class:`~rayflow.errors.SandboxError`) the coordinator answers by retrying elsewhere;
 * records every result in the hub under ``swarm/<job>/results/<subtask>`` (the memory-sync phase),
   so a coordinator that lost the worker mid-answer finds the result there instead of rerunning it.
 """
@@ -27,6 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from rayflow.agent.host import DEFAULT_SOCKET as AGENT_HOST_SOCKET
+from rayflow.agent.host_client import launcher_argv, runtime_argv
 from rayflow.errors import RayflowError, SandboxError
 from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.gc import current_process_owner
@@ -44,6 +51,13 @@ OUTPUT_TAIL_CHARS = 2000
 TOKEN_REFRESH_FRACTION = 0.3
 #: Extra seconds a subtask's exec may take beyond the agent's own timeout (start-up, reporting).
 EXEC_GRACE_S = 30.0
+#: How long starting the agent host (its imports, under the sandbox's CPU limit) may take.
+AGENT_HOST_START_S = 120.0
+#: How long asking whether the agent host still answers may take.
+AGENT_HOST_PING_S = 30.0
+#: Python agents whose module the host imports ahead of time: the runtime's own (an uploaded
+#: repository's modules are left to each run, so a warm sandbox never runs a stale copy).
+PRELOADABLE_PREFIX = "rayflow."
 
 
 @dataclass(frozen=True)
@@ -109,15 +123,29 @@ def sandbox_profile(spec: SandboxSpec) -> tuple[object, ...]:
     return (spec.image, spec.limits, spec.network, tuple(sorted(spec.env.items())), spec.mounts, spec.workdir)
 
 
+def _interpreter(identity: Mapping[str, Any]) -> tuple[str, list[str]]:
+    return str(identity.get("python") or "python3"), [str(entry) for entry in identity.get("path") or []]
+
+
 def agent_launcher_argv(identity: Mapping[str, Any], *args: str) -> list[str]:
     """argv that starts ``rayflow.agent`` in the sandbox with the runtime's own interpreter and path."""
-    python = str(identity.get("python") or "python3")
-    path = [str(entry) for entry in identity.get("path") or []]
-    code = (
-        f"import sys; sys.path[:0] = {path!r}; import runpy; "
-        "runpy.run_module('rayflow.agent', run_name='__main__', alter_sys=True)"
-    )
-    return [python, "-I", "-S", "-c", code, *args]
+    python, path = _interpreter(identity)
+    return runtime_argv(python, path, *args)
+
+
+def host_launcher_argv(identity: Mapping[str, Any], *args: str) -> list[str]:
+    """argv of the agent host's launcher (``run SPEC`` or ``ping``) with the runtime's interpreter."""
+    python, path = _interpreter(identity)
+    return launcher_argv(python, path, AGENT_HOST_SOCKET, *args)
+
+
+def agent_host_argv(identity: Mapping[str, Any], agent: AgentRef) -> list[str]:
+    """argv that starts the sandbox's agent host in the background, returning once it listens."""
+    argv = agent_launcher_argv(identity, "host", "--socket", AGENT_HOST_SOCKET, "--detach")
+    module = agent.target.partition(":")[0] if agent.kind == "python" else ""
+    if module.startswith(PRELOADABLE_PREFIX):
+        argv += ["--preload", module]
+    return argv
 
 
 def parse_runner_output(stdout: bytes) -> dict[str, Any] | None:
@@ -210,6 +238,7 @@ class WorkerCore:
         self._hub_client: Any = None
         self._lock = threading.Lock()
         self._closed = False
+        self._agent_host = False
 
     # -- life ------------------------------------------------------------------------------
     @property
@@ -226,6 +255,7 @@ class WorkerCore:
             if self.plan.upload:
                 sandbox.upload(Path(self.plan.upload), ".")
             self._identity = dict(sandbox.ping())
+            self._start_agent_host(sandbox)
         except BaseException:
             self.close()
             raise
@@ -251,7 +281,37 @@ class WorkerCore:
             client.close()
         if plan.upload:
             sandbox.upload(Path(plan.upload), ".")
+        self._agent_host = self._agent_host_answers(sandbox)
+        if not self._agent_host:
+            self._start_agent_host(sandbox)
         return [PhaseEvent(Phase.PROVISION, worker_id, started, self._clock(), f"{sandbox.id} (warm)")]
+
+    @property
+    def agent_host_running(self) -> bool:
+        """Whether subtasks run through the sandbox's agent host (else each starts a fresh runner)."""
+        return self._agent_host
+
+    def _start_agent_host(self, sandbox: Sandbox) -> None:
+        """Start the agent host; when it fails, subtasks start fresh runners (logged, not fatal)."""
+        try:
+            outcome = sandbox.exec(agent_host_argv(self._identity, self.plan.agent), timeout_s=AGENT_HOST_START_S)
+        except RayflowError as exc:
+            log.warning("worker %s: the agent host did not start: %s", self.worker_id, exc)
+            self._agent_host = False
+            return
+        self._agent_host = outcome.exit_code == 0
+        if not self._agent_host:
+            log.warning(
+                "worker %s: the agent host did not start (exit %s): %s",
+                self.worker_id, outcome.exit_code, _tail(outcome.stderr)[-400:],
+            )
+
+    def _agent_host_answers(self, sandbox: Sandbox) -> bool:
+        try:
+            outcome = sandbox.exec(host_launcher_argv(self._identity, "ping"), timeout_s=AGENT_HOST_PING_S)
+        except RayflowError:
+            return False
+        return outcome.exit_code == 0
 
     def close(self) -> None:
         """Destroy the sandbox and drop the hub connection; safe to call more than once."""
@@ -305,8 +365,9 @@ class WorkerCore:
             env["RAYFLOW_HUB_TOKEN"] = token
         started = self._clock()
         sandbox.write_file(spec_path, json.dumps(runner_spec).encode())
+        launch = host_launcher_argv if self._agent_host else agent_launcher_argv
         outcome = sandbox.exec(
-            agent_launcher_argv(self._identity, "run", spec_path),
+            launch(self._identity, "run", spec_path),
             env=env,
             timeout_s=self.plan.agent.timeout_s + EXEC_GRACE_S,
         )
@@ -370,7 +431,9 @@ __all__ = [
     "TokenMinter",
     "WorkerCore",
     "WorkerPlan",
+    "agent_host_argv",
     "agent_launcher_argv",
+    "host_launcher_argv",
     "parse_runner_output",
     "result_from_run",
 ]
