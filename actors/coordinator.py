@@ -45,6 +45,7 @@ class Coordinator:
         self._stats = RunStats()
         #: Started sandboxes for the steps of the next pattern-B job, by profile (each used once).
         self._warm_steps: dict[tuple[Any, ...], WorkerCore] = {}
+        self._images_checked: set[tuple[str, frozenset[str]]] = set()
 
     @staticmethod
     def _step_key(job: Job, hub: HubSession | None) -> tuple[Any, ...]:
@@ -77,9 +78,17 @@ class Coordinator:
     ) -> dict[str, Any]:
         """Run ``job``; ``warm`` are started workers of the job's sandbox profile, used before cold ones."""
         self._stats = RunStats()
-        if job.backend in ("docker", "auto") and job.image == DEFAULT_TAG and docker_engine_answers():
-            # rayflow's own image is built offline where missing or stale (cached by content hash).
+        nodes = frozenset(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
+        if (
+            job.backend in ("docker", "auto")
+            and job.image == DEFAULT_TAG
+            and (job.image, nodes) not in self._images_checked
+            and docker_engine_answers()
+        ):
+            # rayflow's own image is built offline where missing or stale (cached by content hash);
+            # checked once per set of nodes, not before every job.
             ensure_image_on_nodes(job.image)
+            self._images_checked.add((job.image, nodes))
         hub = hub_session(hub_region, job.tenant) if hub_region is not None else None
         cpus = job.limits.cpus or 1.0
 
