@@ -101,11 +101,22 @@ class RayFleet:
             actor = self._warm.pop()
             self.actors[worker_id] = actor
             return mapped(actor.adopt.remote(self._plan, worker_id).future(), self._started(actor, worker_id))
-        actor = SandboxWorker.options(name=worker_id, namespace=RAY_NAMESPACE, **self._options).remote(
-            worker_id, self._plan, self._backend, self._hub, self._hub_region, self._tenant
-        )
+        actor = self._new_actor(worker_id, name=worker_id, namespace=RAY_NAMESPACE)
         self.actors[worker_id] = actor
         return mapped(actor.ready.remote().future(), self._started(actor, worker_id))
+
+    def start_warm(self, count: int) -> list[Any]:
+        """Start ``count`` unnamed workers ahead of any job (their sandboxes provisioning in the background).
+
+        They are not this fleet's: a later job's fleet adopts them (``warm``) or shuts them down.
+        """
+        return [self._new_actor(f"warm-{uuid.uuid4().hex[:10]}") for _ in range(count)]
+
+    def _new_actor(self, worker_id: str, **naming: Any) -> Any:
+        """A ``SandboxWorker`` of this fleet's plan, placed by the fleet's options (``naming``: its Ray name)."""
+        return SandboxWorker.options(**self._options, **naming).remote(
+            worker_id, self._plan, self._backend, self._hub, self._hub_region, self._tenant
+        )
 
     def _started(self, actor: Any, worker_id: str) -> Callable[[dict[str, Any]], tuple[RayWorker, list[PhaseEvent]]]:
         def started(info: dict[str, Any]) -> tuple[RayWorker, list[PhaseEvent]]:
@@ -124,32 +135,6 @@ class RayFleet:
         pending, self._stopping = self._stopping, []
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
-
-    def cold_options(self) -> dict[str, Any]:
-        return dict(self._options)
-
-
-def start_warm_workers(
-    plan: WorkerPlan,
-    count: int,
-    *,
-    backend: str,
-    cpus: float,
-    hub: HubAccess | None = None,
-    hub_region: str | None = None,
-    tenant: str = "default",
-    region: str | None = None,
-) -> list[Any]:
-    """Start ``count`` workers ahead of any job (their sandboxes provisioning in the background)."""
-    fleet = RayFleet(plan, backend=backend, cpus=cpus, hub=hub, hub_region=hub_region, tenant=tenant,
-                     region=region)
-    actors = []
-    for _ in range(count):
-        actor = SandboxWorker.options(**fleet.cold_options()).remote(
-            f"warm-{uuid.uuid4().hex[:10]}", plan, backend, hub, hub_region, tenant
-        )
-        actors.append(actor)
-    return actors
 
 
 @ray.remote(num_cpus=0)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, write_result
 
-from rayflow.jobs.demo import RUNS, DemoSettings, RunOutcome, pyplot, run_demo
+from rayflow.jobs.demo import RUNS, DemoSettings, RunOutcome, run_demo, saved_plot
 from rayflow.swarm.job import BACKENDS
 
 NAME = "learning"
@@ -90,10 +90,8 @@ def metrics_of(
 
 def plot_cumulative(outcomes: Mapping[str, RunOutcome], path: Path) -> Path:
     """Cumulative attempts over the modules (in module order) for each run, as a PNG."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     styles = {"memory-off": ("#757575", "--"), "run-1": ("#64b5f6", "-"), "run-2": ("#1565c0", "-")}
-    try:
+    with saved_plot(path, (7.5, 4.2)) as ax:
         for plan in RUNS:
             outcome = outcomes[plan.label]
             totals = list(accumulate(outcome.attempts_by_module))
@@ -114,11 +112,6 @@ def plot_cumulative(outcomes: Mapping[str, RunOutcome], path: Path) -> Path:
         ax.set_ylabel("cumulative fix attempts")
         ax.set_title("attempts to fix the same codebase: memory off, then memory on twice")
         ax.legend(fontsize=8, frameon=False, loc="upper left")
-        ax.spines[["top", "right"]].set_visible(False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, bbox_inches="tight")
-    finally:
-        plt.close(fig)
     return path
 
 

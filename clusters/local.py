@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -262,18 +262,7 @@ def _launch_node(
 
     log_path = log_dir / f"{region.name}-{index}.log"
     env = {**os.environ, **_RAY_ENV, **cluster_auth_env(state_dir)}
-    with open(log_path, "wb") as log:
-        # A session of its own: the node's processes form one group that is stopped as a unit,
-        # and a Ctrl-C in the terminal that ran `up` does not reach them.
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            cwd=str(REPO_ROOT),
-        )
+    process = start_in_own_session(command, log_path, env, cwd=REPO_ROOT)
     return NodeRecord(
         region=region.name, index=index, is_head=is_head, pid=process.pid, log_path=str(log_path)
     )
@@ -392,8 +381,7 @@ def _stop_nodes(state: ClusterState, grace_s: float = 30.0) -> int:
     while time.monotonic() < deadline and any(_process_running(node.pid) for node in running):
         time.sleep(0.2)
     for node in state.nodes:
-        for pid in _process_group_members(node.pid):
-            _signal(pid, signal.SIGKILL)
+        kill_process_group(node.pid)
     return len(running)
 
 
@@ -403,6 +391,32 @@ def _forget(state: ClusterState, state_dir: Path) -> None:
 
 
 # --- processes --------------------------------------------------------------------------------
+def start_in_own_session(
+    command: Sequence[str], log_path: Path, env: Mapping[str, str], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` (a ``ray start --block``) with its output in ``log_path``, in a session of its own.
+
+    Why a session: the node's processes form one process group that is stopped as a unit (see
+    :func:`kill_process_group`), and a Ctrl-C in the terminal that started it does not reach them.
+    """
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+            cwd=None if cwd is None else str(cwd),
+        )
+
+
+def kill_process_group(group_id: int) -> None:
+    """SIGKILL every live Ray process of the process group ``group_id`` (a node's session leader pid)."""
+    for pid in _process_group_members(group_id):
+        _signal(pid, signal.SIGKILL)
+
+
 def free_tcp_port() -> int:
     """A TCP port that was free a moment ago on this machine (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

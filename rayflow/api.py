@@ -131,13 +131,12 @@ class Swarm:
         """
         import ray
 
-        from actors.fleet import start_warm_workers
+        from actors.fleet import RayFleet
         from rayflow.swarm.worker import WorkerPlan
 
         hub = self._hub_access()
-        actors = start_warm_workers(
+        fleet = RayFleet(
             WorkerPlan.for_job(job, hub),
-            count if count is not None else job.workers,
             backend=job.backend,
             cpus=job.limits.cpus or 1.0,
             hub=hub,
@@ -145,6 +144,7 @@ class Swarm:
             tenant=job.tenant,
             region=self.region,
         )
+        actors = fleet.start_warm(count if count is not None else job.workers)
         steps = []
         if job.pattern.value == "B":
             # Pattern B's coordinator has a sandbox of its own for its steps: start it too.

@@ -126,6 +126,13 @@ def png_images(cell: nbformat.NotebookNode) -> list[bytes]:
     ]
 
 
+def one_png_image(cell: nbformat.NotebookNode) -> bytes:
+    """The decoded bytes of the cell's only ``image/png`` output (a plot it drew inline once)."""
+    images = png_images(cell)
+    assert len(images) == 1, f"expected one PNG output, found {len(images)}"
+    return images[0]
+
+
 @dataclass
 class HtmlTable:
     """One ``<table>`` of an output: caption, header cells and body rows (as cell texts)."""

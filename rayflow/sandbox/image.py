@@ -81,6 +81,7 @@ RUNTIME_FILES = (
     "errors.py",
     "framing.py",
     "swarm/__init__.py",
+    "swarm/counts.py",
     "swarm/globbing.py",
     "swarm/model.py",
     "swarm/synthesis.py",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rayflow.errors import InvalidInputError, StorageError
+from rayflow.swarm.counts import ResultCounts
 from rayflow.swarm.model import PhaseEvent, SubtaskResult
 
 RESULT_KIND = "result"
@@ -34,19 +35,16 @@ EVENT_KIND = "event"
 META_KIND = "meta"
 
 
-class RunSummary:
-    """Counters over a run's results and events, updated one record at a time (no I/O)."""
+class RunSummary(ResultCounts):
+    """Counters over a run's results and events, updated one record at a time (no I/O).
+
+    The result totals are :class:`~rayflow.swarm.counts.ResultCounts`, the same the synthesis
+    report counts with; this adds who ran what, why subtasks failed and time per phase.
+    """
 
     def __init__(self) -> None:
+        super().__init__()
         self.meta: dict[str, Any] = {}
-        self.subtasks = 0
-        self.ok = 0
-        self.attempts = 0
-        self.memory_hits = 0
-        self.with_memory_hits = 0
-        self.dispatches = 0
-        self.redispatched = 0
-        self.busy_s = 0.0
         self.workers: dict[str, dict[str, int]] = {}
         self.nodes: dict[str, int] = {}
         self.error_codes: dict[str, int] = {}
@@ -58,14 +56,7 @@ class RunSummary:
 
     def add_result(self, result: SubtaskResult, sign: int = 1) -> None:
         """Count ``result`` in (``sign=1``) or out again (``sign=-1``, when a later one replaces it)."""
-        self.subtasks += sign
-        self.ok += sign * result.ok
-        self.attempts += sign * result.attempts
-        self.memory_hits += sign * result.memory_hits
-        self.with_memory_hits += sign * (result.memory_hits > 0)
-        self.dispatches += sign * result.dispatches
-        self.redispatched += sign * (result.dispatches > 1)
-        self.busy_s += sign * result.duration_s
+        self.add(result, sign)
         worker = self.workers.setdefault(result.worker_id or "-", {"subtasks": 0, "ok": 0, "failed": 0})
         worker["subtasks"] += sign
         worker["ok" if result.ok else "failed"] += sign
@@ -96,7 +87,7 @@ class RunSummary:
             **self.meta,
             "subtasks": self.subtasks,
             "ok": self.ok,
-            "failed": self.subtasks - self.ok,
+            "failed": self.failed,
             "attempts": self.attempts,
             "memory_hits": self.memory_hits,
             "subtasks_with_memory_hits": self.with_memory_hits,

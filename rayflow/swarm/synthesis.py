@@ -2,8 +2,8 @@
 
 Why standard library only: in pattern A the synthesis runs on the host, in pattern B inside a
 sandbox that has rayflow's source but not its heavy dependencies (rich, numpy, Ray). This module
-imports nothing beyond the standard library and :mod:`rayflow.swarm.model` (itself standard library
-only), so both places run the same function and produce the same text.
+imports nothing beyond the standard library, :mod:`rayflow.swarm.model` and :mod:`rayflow.swarm.counts`
+(themselves standard library only), so both places run the same function and produce the same text.
 
 Why it streams: ``results`` may be a 1000+ subtask log read from disk; the report keeps only
 counters and a bounded list of failures, never the whole run.
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from rayflow.swarm.counts import ResultCounts
 from rayflow.swarm.model import Pattern, Phase, SubtaskResult
 
 #: Failures listed by name in the report; the rest are counted.
@@ -34,49 +35,20 @@ def synthesize_report(
     themselves so the report is right even for a summary of an unfinished log. ``results`` may be
     :class:`SubtaskResult` records or their dict form (as they arrive over a sandbox channel).
     """
-    tally = _Tally()
+    counts = ResultCounts()
+    failures: list[SubtaskResult] = []
     for item in results:
-        tally.add(item if isinstance(item, SubtaskResult) else SubtaskResult.from_dict(item))
+        result = item if isinstance(item, SubtaskResult) else SubtaskResult.from_dict(item)
+        counts.add(result)
+        if not result.ok and len(failures) < MAX_LISTED_FAILURES:
+            failures.append(result)
     lines: list[str] = []
     lines.extend(_heading(summary))
-    lines.extend(_counts(tally, summary))
+    lines.extend(_counts(counts, summary))
     lines.extend(_phases(summary))
     lines.extend(_workers(summary))
-    lines.extend(_failures(tally))
+    lines.extend(_failures(counts.failed, failures))
     return "\n".join(lines).rstrip() + "\n"
-
-
-class _Tally:
-    """Counters over a stream of results, with a bounded sample of failures."""
-
-    def __init__(self) -> None:
-        self.subtasks = 0
-        self.passed = 0
-        self.attempts = 0
-        self.retried = 0
-        self.memory_hits = 0
-        self.with_memory_hits = 0
-        self.dispatches = 0
-        self.redispatched = 0
-        self.busy_s = 0.0
-        self.failures: list[SubtaskResult] = []
-        self.failed = 0
-
-    def add(self, result: SubtaskResult) -> None:
-        self.subtasks += 1
-        self.attempts += result.attempts
-        self.retried += result.attempts > 1
-        self.memory_hits += result.memory_hits
-        self.with_memory_hits += result.memory_hits > 0
-        self.dispatches += result.dispatches
-        self.redispatched += result.dispatches > 1
-        self.busy_s += result.duration_s
-        if result.ok:
-            self.passed += 1
-            return
-        self.failed += 1
-        if len(self.failures) < MAX_LISTED_FAILURES:
-            self.failures.append(result)
 
 
 def _heading(summary: Mapping[str, Any]) -> list[str]:
@@ -90,12 +62,12 @@ def _heading(summary: Mapping[str, Any]) -> list[str]:
     return [title, "=" * len(title), ""]
 
 
-def _counts(tally: _Tally, summary: Mapping[str, Any]) -> list[str]:
+def _counts(tally: ResultCounts, summary: Mapping[str, Any]) -> list[str]:
     n = tally.subtasks
     per = (tally.attempts / n) if n else 0.0
     rows = [
         ("Subtasks", f"{n}"),
-        ("Passed", f"{tally.passed}  ({_percent(tally.passed, n)})"),
+        ("Passed", f"{tally.ok}  ({_percent(tally.ok, n)})"),
         ("Failed", f"{tally.failed}"),
         ("Attempts", f"{tally.attempts}  ({per:.2f} per subtask; {tally.retried} needed more than one)"),
         ("Memory hits", f"{tally.memory_hits}  (in {tally.with_memory_hits} subtasks)"),
@@ -139,13 +111,13 @@ def _workers(summary: Mapping[str, Any]) -> list[str]:
     return [f"Workers: {len(workers)}{node_text}; subtasks per worker {spread}", ""]
 
 
-def _failures(tally: _Tally) -> list[str]:
-    if not tally.failed:
+def _failures(failed: int, listed: list[SubtaskResult]) -> list[str]:
+    if not failed:
         return ["All subtasks passed."]
-    shown = len(tally.failures)
-    more = f"; first {shown} listed" if tally.failed > shown else ""
-    lines = [f"Failures ({tally.failed}{more})"]
-    for result in tally.failures:
+    shown = len(listed)
+    more = f"; first {shown} listed" if failed > shown else ""
+    lines = [f"Failures ({failed}{more})"]
+    for result in listed:
         error = result.error or {}
         code = str(error.get("code", "failed"))
         message = " ".join(str(error.get("message", "")).split())[:MAX_MESSAGE_CHARS]

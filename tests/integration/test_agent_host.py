@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,26 @@ def python_spec(target: str, task: dict[str, Any] | None = None, timeout_s: floa
 
 def last_json(stdout: bytes) -> dict[str, Any]:
     return json.loads(stdout.decode().strip().splitlines()[-1])
+
+
+@contextmanager
+def report_server(workdir: Path, timeout_s: float = 60) -> Iterator[tuple[socket.socket, dict[str, Any]]]:
+    """A listening unix socket in ``workdir`` and a spec of ``report_and_wait`` telling its pid there."""
+    report = workdir / "report.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(report))
+        server.listen(1)
+        server.settimeout(WAIT_S)
+        yield server, python_spec("report_and_wait", {"report_to": str(report)}, timeout_s=timeout_s)
+
+
+def run_without_host(workdir: Path, socket_path: str) -> subprocess.CompletedProcess[bytes]:
+    """The launcher run of an ``identify`` spec in ``workdir`` with ``socket_path`` naming no live host."""
+    (workdir / "spec.json").write_text(json.dumps(python_spec("identify")))
+    argv = launcher_argv(sys.executable, RUNTIME_PATH + [str(workdir)], socket_path, "run", "spec.json")
+    outcome = subprocess.run(argv, cwd=workdir, capture_output=True, timeout=WAIT_S, check=False)
+    assert outcome.returncode == 0, outcome.stderr
+    return outcome
 
 
 def wait_exited(pid: int) -> bool:
@@ -199,13 +220,9 @@ def test_many_concurrent_runs_each_get_their_own_result(host: RunningHost) -> No
 
 
 def test_a_killed_client_gets_its_child_killed(host: RunningHost) -> None:
-    report = host.workdir / "report.sock"
-    with socket.socket(socket.AF_UNIX) as server:
-        server.bind(str(report))
-        server.listen(1)
-        server.settimeout(WAIT_S)
+    with report_server(host.workdir) as (server, spec):
         client = subprocess.Popen(
-            host.argv(python_spec("report_and_wait", {"report_to": str(report)})),
+            host.argv(spec),
             cwd=host.workdir,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -220,11 +237,8 @@ def test_a_killed_client_gets_its_child_killed(host: RunningHost) -> None:
 
 
 def test_a_run_past_its_timeout_is_killed_and_reported_as_a_deadline(host: RunningHost) -> None:
-    report = host.workdir / "report.sock"
-    with socket.socket(socket.AF_UNIX) as server:
-        server.bind(str(report))
-        server.listen(1)
-        outcome = host.launch(python_spec("report_and_wait", {"report_to": str(report)}, timeout_s=0.1))
+    with report_server(host.workdir, timeout_s=0.1) as (_, spec):
+        outcome = host.launch(spec)
     assert outcome.returncode == 1
     assert last_json(outcome.stdout)["error"]["code"] == "deadline_exceeded"
 
@@ -273,12 +287,7 @@ def test_a_second_host_on_the_same_socket_leaves_the_first_serving(host: Running
 
 # --- the fallback ------------------------------------------------------------------------------------
 def test_without_a_host_the_launcher_runs_the_spec_itself(workdir: Path) -> None:
-    (workdir / "spec.json").write_text(json.dumps(python_spec("identify")))
-    argv = launcher_argv(
-        sys.executable, RUNTIME_PATH + [str(workdir)], str(workdir / "none.sock"), "run", "spec.json"
-    )
-    outcome = subprocess.run(argv, cwd=workdir, capture_output=True, timeout=WAIT_S, check=False)
-    assert outcome.returncode == 0, outcome.stderr
+    outcome = run_without_host(workdir, str(workdir / "none.sock"))
     assert last_json(outcome.stdout)["ok"] is True
     assert b"running the subtask without the agent host" in outcome.stderr
 
@@ -286,12 +295,7 @@ def test_without_a_host_the_launcher_runs_the_spec_itself(workdir: Path) -> None
 def test_after_the_host_died_the_launcher_runs_the_spec_itself(host: RunningHost) -> None:
     host.process.kill()
     host.process.wait(WAIT_S)
-    (host.workdir / "spec.json").write_text(json.dumps(python_spec("identify")))
-    argv = launcher_argv(
-        sys.executable, RUNTIME_PATH + [str(host.workdir)], host.socket_path, "run", "spec.json"
-    )
-    outcome = subprocess.run(argv, cwd=host.workdir, capture_output=True, timeout=WAIT_S, check=False)
-    assert outcome.returncode == 0, outcome.stderr
+    outcome = run_without_host(host.workdir, host.socket_path)
     assert last_json(outcome.stdout)["value"]["ppid"] != host.pid
     assert b"without the agent host" in outcome.stderr
 
@@ -312,6 +316,14 @@ def probe_plan(tmp_path: Path, **job_fields: Any) -> WorkerPlan:
     return WorkerPlan.for_job(job, None)
 
 
+def started_process_core(tmp_path: Path) -> WorkerCore:
+    """A started worker core of the probe job whose sandbox comes from the process backend."""
+    backend = ProcessBackend(registry_dir=tmp_path / "registry")
+    core = WorkerCore("w-1", probe_plan(tmp_path, backend="process"), backend.create, owner="test-agent-host")
+    core.start()
+    return core
+
+
 def host_pid(core: WorkerCore) -> int:
     assert core.sandbox is not None
     outcome = core.sandbox.exec(host_launcher_argv(core.sandbox.ping(), "ping"))  # type: ignore[attr-defined]
@@ -320,9 +332,7 @@ def host_pid(core: WorkerCore) -> int:
 
 
 def test_a_worker_runs_subtasks_through_its_process_sandboxes_agent_host(tmp_path: Path) -> None:
-    backend = ProcessBackend(registry_dir=tmp_path / "registry")
-    core = WorkerCore("w-1", probe_plan(tmp_path, backend="process"), backend.create, owner="test-agent-host")
-    core.start()
+    core = started_process_core(tmp_path)
     try:
         assert core.agent_host_running
         pid = host_pid(core)
@@ -339,9 +349,7 @@ def test_a_worker_runs_subtasks_through_its_process_sandboxes_agent_host(tmp_pat
 
 
 def test_the_agent_host_dies_with_its_process_sandbox(tmp_path: Path) -> None:
-    backend = ProcessBackend(registry_dir=tmp_path / "registry")
-    core = WorkerCore("w-1", probe_plan(tmp_path, backend="process"), backend.create, owner="test-agent-host")
-    core.start()
+    core = started_process_core(tmp_path)
     try:
         pid = host_pid(core)
     finally:

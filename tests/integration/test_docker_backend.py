@@ -24,88 +24,13 @@ from rayflow.sandbox import docker_network
 from rayflow.sandbox.docker import BACKEND_LABEL, SANDBOX_LABEL, DockerBackend, DockerSandbox
 from rayflow.sandbox.reaper import Reaper
 from rayflow.sandbox.spec import MIB, OWNER_LABEL, Limits, NetworkPolicy, SandboxSpec
+from tests.net_support import DETACHED_LISTENER, TCP_PROBE, UDP_PROBE, HostServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 LIMITS = Limits(cpus=0.5, memory_bytes=96 * MIB, pids=48, disk_bytes=16 * MIB, wall_time_s=300.0)
 #: Owner of this module's sandboxes; unique per run so the final check sees only ours.
 OWNER = f"test-docker-{secrets.token_hex(4)}"
-
-#: Connects to argv[1]:argv[2] over TCP; prints what the server sent, or the error's name.
-TCP_PROBE = """
-import socket, sys
-try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0) as s:
-        print(s.recv(64).decode())
-except OSError as exc:
-    print(type(exc).__name__)
-"""
-#: Sends a datagram to argv[1]:argv[2]; prints the answer, or the error's name.
-UDP_PROBE = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1.0)
-try:
-    s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
-    print(s.recv(64).decode())
-except OSError as exc:
-    print(type(exc).__name__)
-"""
-#: Starts a TCP server on argv[1]:argv[2] in a detached child that answers "sandbox" for 30 s.
-DETACHED_SERVER = """
-import os, socket, sys, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen()
-if os.fork() == 0:
-    os.setsid()
-    os.closerange(0, 3)
-    s.settimeout(0.5)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            c, _ = s.accept()
-        except OSError:
-            continue
-        c.sendall(b"sandbox")
-        c.close()
-    os._exit(0)
-print("listening")
-"""
-
-
-class HostServer:
-    """A TCP or UDP server on the host answering ``reply`` to every connection or datagram."""
-
-    def __init__(self, host: str, kind: int, reply: bytes, port: int = 0) -> None:
-        self.sock = socket.socket(socket.AF_INET, kind)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.port = self.sock.getsockname()[1]
-        self.reply = reply
-        if kind == socket.SOCK_STREAM:
-            self.sock.listen()
-        self.thread = threading.Thread(target=self._serve, args=(kind,), daemon=True)
-        self.thread.start()
-
-    def _serve(self, kind: int) -> None:
-        while True:
-            try:
-                if kind == socket.SOCK_STREAM:
-                    conn, _ = self.sock.accept()
-                    with conn:
-                        conn.sendall(self.reply)
-                else:
-                    _, peer = self.sock.recvfrom(64)
-                    if peer is None:  # the socket was closed under the receive
-                        return
-                    self.sock.sendto(self.reply, peer)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +222,7 @@ def test_two_sandboxes_cannot_reach_each_other(
     policy = NetworkPolicy.hub_only("127.0.0.1", hub)
     with make(backend, network=policy) as a, make(backend, network=policy) as b:
         a_ip = container_ip(docker_client, a)
-        started = a.exec(["python3", "-c", DETACHED_SERVER, "0.0.0.0", "7000"])
+        started = a.exec(["python3", "-c", DETACHED_LISTENER, "0.0.0.0", "7000", "sandbox"])
         assert started.stdout == b"listening\n", started.stderr
         assert probe(a, TCP_PROBE, a_ip, 7000) == "sandbox"
         assert probe(b, TCP_PROBE, a_ip, 7000) == "TimeoutError"

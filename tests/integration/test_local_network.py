@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from rayflow.sandbox import local_network, netfilter
 from rayflow.sandbox.gc import owner_alive_by_pid
 from rayflow.sandbox.local import LocalBackend, LocalSandbox
 from rayflow.sandbox.spec import MIB, Limits, NetworkPolicy, SandboxSpec
+from tests.net_support import DETACHED_LISTENER, TCP_PROBE, UDP_PROBE, DualServer
 
 pytestmark = [
     pytest.mark.integration,
@@ -37,95 +36,13 @@ pytestmark = [
 UNREACHABLE = ("TimeoutError", "OSError")
 LIMITS = Limits(memory_bytes=96 * MIB, pids=48, disk_bytes=8 * MIB, wall_time_s=120.0)
 
-#: Sends "ping" to argv[1]:argv[2] over argv[3] (tcp/udp); prints the answer or the error's name.
-PROBE = """
-import socket, sys
-host, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-try:
-    if proto == "tcp":
-        with socket.create_connection((host, port), timeout=1.0) as s:
-            s.sendall(b"ping")
-            print(s.recv(16).decode())
-    else:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(1.0)
-            s.sendto(b"ping", (host, port))
-            print(s.recv(16).decode())
-except OSError as exc:
-    print(type(exc).__name__)
-"""
-#: Listens on 0.0.0.0:argv[1] (TCP) in a detached child for 30 s, answering "here".
-LISTENER = """
-import os, socket, sys, time
-s = socket.socket()
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen()
-if os.fork() == 0:
-    os.setsid()
-    os.closerange(0, 3)
-    s.settimeout(0.5)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            c, _ = s.accept()
-        except OSError:
-            continue
-        c.sendall(b"here")
-        c.close()
-    os._exit(0)
-print("listening")
-"""
-
-
-class Servers:
-    """A TCP and a UDP server on one port of ``host``, each answering ``answer``."""
-
-    def __init__(self, host: str, answer: bytes, port: int = 0) -> None:
-        self.tcp = socket.socket()
-        self.tcp.bind((host, port))
-        self.tcp.listen()
-        self.port = self.tcp.getsockname()[1]
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((host, self.port))
-        self.answer = answer
-        threading.Thread(target=self._tcp, daemon=True).start()
-        threading.Thread(target=self._udp, daemon=True).start()
-
-    def _tcp(self) -> None:
-        while True:
-            try:
-                conn, _ = self.tcp.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(self.answer)
-
-    def _udp(self) -> None:
-        while True:
-            try:
-                _, peer = self.udp.recvfrom(64)
-                if peer is None:
-                    return
-                self.udp.sendto(self.answer, peer)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        for sock in (self.tcp, self.udp):
-            # shutdown wakes the thread blocked in accept/recvfrom
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
 
 @pytest.fixture
 def servers() -> Iterator[Any]:
-    made: list[Servers] = []
+    made: list[DualServer] = []
 
-    def make(host: str = "127.0.0.1", answer: bytes = b"hub") -> Servers:
-        made.append(Servers(host, answer))
+    def make(host: str = "127.0.0.1", answer: bytes = b"hub") -> DualServer:
+        made.append(DualServer(host, answer))
         return made[-1]
 
     yield make
@@ -154,7 +71,8 @@ def make(backend: LocalBackend) -> Iterator[Any]:
 
 
 def probe(sandbox: LocalSandbox, host: str, port: int, proto: str) -> str:
-    result = sandbox.exec(["python3", "-c", PROBE, host, str(port), proto], timeout_s=30)
+    script = TCP_PROBE if proto == "tcp" else UDP_PROBE
+    result = sandbox.exec(["python3", "-c", script, host, str(port)], timeout_s=30)
     return result.stdout.decode().strip()
 
 
@@ -204,7 +122,7 @@ def test_hub_only_has_no_ipv6_and_one_interface(make: Any, servers: Any) -> None
 def test_one_sandbox_does_not_reach_another(make: Any, servers: Any) -> None:
     policy = NetworkPolicy.hub_only("127.0.0.1", servers().port)
     first, second = make(policy), make(policy)
-    assert first.exec(["python3", "-c", LISTENER, "7001"]).stdout == b"listening\n"
+    assert first.exec(["python3", "-c", DETACHED_LISTENER, "0.0.0.0", "7001", "here"]).stdout == b"listening\n"
     assert probe(first, first.network_address, 7001, "tcp") == "here"
     # No route at all to another sandbox's /30 (OSError: unreachable), and no way through the host.
     assert probe(second, first.network_address, 7001, "tcp") in UNREACHABLE

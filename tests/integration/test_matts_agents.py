@@ -71,21 +71,31 @@ def wrong_first(module: ModuleInfo) -> list[str]:
     return [name for name in DEFAULT_ORDER if name != module.strategy] + [module.strategy]
 
 
-# --- sequential ---------------------------------------------------------------------------------------
-def test_refine_stops_at_the_first_success_and_reports_every_refinement(codebase, tmp_path):
-    pristine, modules = codebase
-    module = modules[0]
-    work = work_copy(pristine, tmp_path / "work")
-    task = {
+def fixer_refine_task(module: ModuleInfo, r: int, **extra: Any) -> dict[str, Any]:
+    """A refine task over the fixer: memory off, one attempt per refinement, the right strategy last."""
+    return {
         **module.task(),
         "memory": False,
         "max_attempts": 1,
         "strategy_order": wrong_first(module),
         "inner": FIXER,
-        "r": 20,
-        "revise": REVISE,
+        "r": r,
+        **extra,
     }
-    result = run_spec({"agent": REFINE, "task": task, "workdir": str(work)})
+
+
+def refine(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """The runner's result of ``rayflow.agents.matts:refine`` on ``task`` in ``workdir``."""
+    return run_spec({"agent": REFINE, "task": task, "workdir": str(workdir)})
+
+
+# --- sequential ---------------------------------------------------------------------------------------
+def test_refine_stops_at_the_first_success_and_reports_every_refinement(codebase, tmp_path):
+    pristine, modules = codebase
+    module = modules[0]
+    work = work_copy(pristine, tmp_path / "work")
+    task = fixer_refine_task(module, 20, revise=REVISE)
+    result = refine(task, work)
     assert result["ok"], result["error"]
     value = result["value"]
     refinements = value["refinements"]
@@ -102,16 +112,8 @@ def test_refine_steers_the_fixer_to_strategies_it_has_not_tried(codebase, tmp_pa
     pristine, modules = codebase
     module = modules[0]
     work = work_copy(pristine, tmp_path / "work")
-    task = {
-        **module.task(),
-        "memory": False,
-        "max_attempts": 1,
-        "strategy_order": wrong_first(module),
-        "inner": FIXER,
-        "r": 20,
-        "revise": REVISE,
-    }
-    value = run_spec({"agent": REFINE, "task": task, "workdir": str(work)})["value"]
+    task = fixer_refine_task(module, 20, revise=REVISE)
+    value = refine(task, work)["value"]
     tried = [r["value"]["tried_strategies"][0] for r in value["refinements"]]
     assert len(set(tried)) == len(tried)
 
@@ -122,15 +124,8 @@ def test_refine_that_never_succeeds_returns_the_last_value_and_leaves_the_module
     pristine, modules = codebase
     module = modules[0]
     work = work_copy(pristine, tmp_path / "work")
-    task = {
-        **module.task(),
-        "memory": False,
-        "max_attempts": 1,
-        "strategy_order": wrong_first(module),
-        "inner": FIXER,
-        "r": 1,
-    }
-    result = run_spec({"agent": REFINE, "task": task, "workdir": str(work)})
+    task = fixer_refine_task(module, 1)
+    result = refine(task, work)
     assert result["ok"], result["error"]
     value = result["value"]
     assert not value["passed"]
@@ -162,7 +157,7 @@ def local_agents(tmp_path, monkeypatch) -> str:
 
 def test_refine_feeds_each_attempt_the_previous_value(local_agents, tmp_path):
     task = {"module": "m.py", "inner": f"{local_agents}:learns", "r": 5}
-    result = run_spec({"agent": REFINE, "task": task, "workdir": str(tmp_path)})
+    result = refine(task, tmp_path)
     assert result["ok"], result["error"]
     value = result["value"]
     assert value["matts"]["used"] == 3 and value["attempts"] == 6 and value["final_attempts"] == 2
@@ -174,7 +169,7 @@ def test_refine_feeds_each_attempt_the_previous_value(local_agents, tmp_path):
 
 def test_refine_reports_the_last_error_when_no_attempt_returned(local_agents, tmp_path):
     task = {"inner": f"{local_agents}:breaks", "r": 3}
-    result = run_spec({"agent": REFINE, "task": task, "workdir": str(tmp_path)})
+    result = refine(task, tmp_path)
     assert not result["ok"]
     assert result["error"]["code"] == "agent_failed"
     assert "attempt 2 broke" in result["error"]["message"]
@@ -183,7 +178,7 @@ def test_refine_reports_the_last_error_when_no_attempt_returned(local_agents, tm
 def test_refine_runs_a_shell_agent_until_it_exits_zero(tmp_path):
     command = 'n=$(cat tries 2>/dev/null || echo 0); echo $((n + 1)) > tries; test "$n" -ge 1'
     task = {"inner": {"kind": "shell", "command": command}, "r": 4}
-    result = run_spec({"agent": REFINE, "task": task, "workdir": str(tmp_path)})
+    result = refine(task, tmp_path)
     assert result["ok"], result["error"]
     assert result["value"]["matts"]["used"] == 2 and result["value"]["exit_code"] == 0
     assert (tmp_path / "tries").read_text().strip() == "2"

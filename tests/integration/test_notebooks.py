@@ -21,7 +21,7 @@ from tests.notebook_support import (
     execute_notebook,
     is_committed_without_outputs,
     kernel_environment,
-    png_images,
+    one_png_image,
     stream_text,
     table_records,
     tagged_cell,
@@ -72,9 +72,7 @@ def test_trajectory_verdicts_show_one_success_and_one_failure(executed: nbformat
 
 
 def test_reliability_plot_is_rendered_inline_as_png(executed: nbformat.NotebookNode) -> None:
-    images = png_images(tagged_cell(executed, "reliability"))
-    assert len(images) == 1
-    assert images[0].startswith(PNG_SIGNATURE)
+    assert one_png_image(tagged_cell(executed, "reliability")).startswith(PNG_SIGNATURE)
 
 
 def test_lower_mmr_lambda_returns_more_diverse_results(executed: nbformat.NotebookNode) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from clusters.local import free_tcp_port
+from clusters.local import free_tcp_port, kill_process_group, start_in_own_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,22 +55,6 @@ class HeadNode:
     log_path: Path
 
 
-def _group_members(group_id: int) -> list[int]:
-    """Live processes of the process group ``group_id`` (the node's session)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == group_id:
-            members.append(int(entry.name))
-    return members
-
-
 def _stop(node: HeadNode) -> None:
     """Stop only this node: SIGTERM to its ``ray start``, then SIGKILL whatever of its group is left."""
     group = node.process.pid
@@ -80,11 +64,7 @@ def _stop(node: HeadNode) -> None:
             node.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-    for pid in _group_members(group):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
+    kill_process_group(group)
     if node.process.poll() is None:
         node.process.wait(timeout=30)
 
@@ -122,15 +102,7 @@ def head_node() -> Iterator[HeadNode]:
         f"--dashboard-agent-listen-port={free_tcp_port()}",
         f"--ray-client-server-port={free_tcp_port()}",
     ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-            start_new_session=True,
-        )
+    process = start_in_own_session(command, log_path, {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     node = HeadNode(process, temp_dir, f"http://127.0.0.1:{dashboard_port}", log_path)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -7,7 +7,6 @@ behind once the job (and its garbage collection) has finished.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from rayflow.sandbox.spec import OWNER_LABEL, Limits
 from rayflow.swarm.demo_codebase import decompose_codebase, generate_codebase
 from rayflow.swarm.job import AgentRef, Job, TaskList
+from tests.swarm_support import run_in_background, started_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]
 
@@ -64,38 +64,20 @@ def rayflow_containers(docker_client, job: Job) -> list:
     ]
 
 
-def started_worker(name: str, deadline: float):
-    import ray
-
-    while time.monotonic() < deadline:
-        try:
-            actor = ray.get_actor(name, namespace="rayflow")
-        except ValueError:
-            continue
-        ray.get(actor.ready.remote(), timeout=180)
-        return actor
-    raise AssertionError(f"worker {name} never started")
-
-
-def run_in_background(swarm, job: Job) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = swarm.run(job, progress=False, timeout_s=600)
-        except BaseException as exc:  # handed to the test thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    return thread, outcome
-
-
 def check_exactly_once(result, job: Job) -> list:
     rows = list(result.results())
     assert [r.index for r in rows] == list(range(len(job.decomposition.tasks)))
     assert len({r.subtask_id for r in rows}) == len(rows)
     return rows
+
+
+def check_recovered(outcome: dict, job: Job, docker_client) -> None:
+    """A job that lost a worker mid-run: it finished, every subtask passed once, no container is left."""
+    assert "error" not in outcome, outcome.get("error")
+    rows = check_exactly_once(outcome["result"], job)
+    assert all(r.ok for r in rows)
+    assert outcome["result"].summary["coordinator"]["worker_failures"] >= 1
+    assert rayflow_containers(docker_client, job) == []
 
 
 def test_a_fixing_job_runs_in_docker_sandboxes_on_both_nodes(swarm, cluster, codebase, docker_client):
@@ -119,21 +101,17 @@ def test_a_worker_killed_mid_job_still_completes_every_subtask_once(swarm, codeb
     import ray
 
     job = fixing_job(codebase, workers=2)
-    thread, outcome = run_in_background(swarm, job)
-    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 180))
+    thread, outcome = run_in_background(swarm, job, timeout_s=600)
+    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 180, ready_timeout_s=180))
     thread.join(timeout=900)
-    assert "error" not in outcome, outcome.get("error")
-    rows = check_exactly_once(outcome["result"], job)
-    assert all(r.ok for r in rows)
-    assert outcome["result"].summary["coordinator"]["worker_failures"] >= 1
-    assert rayflow_containers(docker_client, job) == []
+    check_recovered(outcome, job, docker_client)
 
 
 def test_losing_a_non_head_node_mid_job_still_completes_every_subtask_once(swarm, cluster, codebase, docker_client):
     import ray
 
     job = fixing_job(codebase, workers=3)
-    thread, outcome = run_in_background(swarm, job)
+    thread, outcome = run_in_background(swarm, job, timeout_s=600)
     deadline = time.monotonic() + 180
     # Wait until a worker is running on the non-head node, then take that node away.
     victim_node = cluster.node_ids["eu-central"]
@@ -147,11 +125,7 @@ def test_losing_a_non_head_node_mid_job_still_completes_every_subtask_once(swarm
     node = next(n for n in cluster.cluster.worker_nodes if n.node_id == victim_node)
     cluster.cluster.remove_node(node, allow_graceful=False)
     thread.join(timeout=900)
-    assert "error" not in outcome, outcome.get("error")
-    rows = check_exactly_once(outcome["result"], job)
-    assert all(r.ok for r in rows)
-    assert outcome["result"].summary["coordinator"]["worker_failures"] >= 1
-    assert rayflow_containers(docker_client, job) == []
+    check_recovered(outcome, job, docker_client)
 
 
 def _exists(name: str) -> bool:

@@ -25,6 +25,7 @@ from tests.notebook_support import (
     html_tables,
     is_committed_without_outputs,
     kernel_environment,
+    one_png_image,
     png_images,
     stream_text,
     table_records,
@@ -93,9 +94,7 @@ def test_the_synthesized_report_is_printed(executed: nbformat.NotebookNode) -> N
 
 
 def test_the_timeline_is_drawn_inline_as_png(executed: nbformat.NotebookNode) -> None:
-    images = png_images(tagged_cell(executed, "timeline"))
-    assert len(images) == 1
-    assert images[0].startswith(PNG_SIGNATURE)
+    assert one_png_image(tagged_cell(executed, "timeline")).startswith(PNG_SIGNATURE)
 
 
 def test_the_second_run_needs_fewer_attempts_than_the_first(executed: nbformat.NotebookNode) -> None:

@@ -6,7 +6,6 @@ the same flows with Docker sandboxes and a node lost mid-job are in ``test_swarm
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from rayflow.sandbox.process import ProcessBackend
 from rayflow.sandbox.spec import Limits
 from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
+from tests.swarm_support import run_in_background, started_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,20 +26,6 @@ def swarm(ray_cluster, tmp_path_factory):
     from rayflow.api import Swarm
 
     return Swarm(hub_region="us-west", state_dir=tmp_path_factory.mktemp("swarm-state"))
-
-
-def started_worker(name: str, deadline: float):
-    """The named worker actor once its sandbox is ready (bounded by ``deadline``)."""
-    import ray
-
-    while time.monotonic() < deadline:
-        try:
-            actor = ray.get_actor(name, namespace="rayflow")
-        except ValueError:
-            continue
-        ray.get(actor.ready.remote(), timeout=120)
-        return actor
-    raise AssertionError(f"worker {name} never started")
 
 
 def test_job_runs_every_subtask_once_across_both_nodes(swarm, ray_cluster):
@@ -86,11 +72,10 @@ def test_a_worker_killed_mid_job_still_gives_every_subtask_exactly_once(swarm, t
 
     job = Job(AgentRef.shell(WORK), TaskList([{"n": i} for i in range(10)]), backend="process", workers=2,
               limits=Limits(cpus=0.5))
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("result", swarm.run(job, progress=False)))
-    runner.start()
-    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 120))
+    runner, outcome = run_in_background(swarm, job)
+    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 120, ready_timeout_s=120))
     runner.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
     rows = list(result.results())
     assert [r.index for r in rows] == list(range(10))

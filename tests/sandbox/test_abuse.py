@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,42 +21,13 @@ import pytest
 
 from rayflow.errors import TransportError
 from rayflow.sandbox.spec import MIB, KillReason, Limits, Mount, NetworkPolicy, SandboxSpec
+from tests.net_support import DETACHED_LISTENER, TCP_PROBE, HostServer
 
 pytestmark = [pytest.mark.integration]
 
 OWNER = f"test-abuse-{secrets.token_hex(4)}"
 LIMITS = Limits(cpus=1.0, memory_bytes=96 * MIB, pids=48, disk_bytes=8 * MIB, wall_time_s=120.0)
 
-#: A detached child listening on 127.0.0.1:argv[1] for 30 s, answering "here".
-LISTENER = """
-import os, socket, sys, time
-s = socket.socket()
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen()
-if os.fork() == 0:
-    os.setsid()
-    os.closerange(0, 3)
-    s.settimeout(0.5)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            c, _ = s.accept()
-        except OSError:
-            continue
-        c.sendall(b"here")
-        c.close()
-    os._exit(0)
-print("listening")
-"""
-#: Connects to argv[1]:argv[2]; prints the answer or the error's name.
-CONNECT = """
-import socket, sys
-try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0) as s:
-        print(s.recv(16).decode())
-except OSError as exc:
-    print(type(exc).__name__)
-"""
 #: Forks sleeping children until the kernel refuses; prints how many it got, exits 3.
 FORK_BOMB = """
 import os, signal, sys, time
@@ -180,9 +150,9 @@ def test_a_host_secret_outside_the_mounts_is_unreadable(
 def test_another_sandbox_on_loopback_is_unreachable(sandbox_factory: Callable[..., Any]) -> None:
     first, second = sandbox_factory(), sandbox_factory()
     port = str(20000 + secrets.randbelow(20000))
-    assert python(first, LISTENER, port).stdout == b"listening\n"
-    assert python(first, CONNECT, "127.0.0.1", port).stdout == b"here\n"
-    assert python(second, CONNECT, "127.0.0.1", port).stdout == b"ConnectionRefusedError\n"
+    assert python(first, DETACHED_LISTENER, "127.0.0.1", port, "here").stdout == b"listening\n"
+    assert python(first, TCP_PROBE, "127.0.0.1", port).stdout == b"here\n"
+    assert python(second, TCP_PROBE, "127.0.0.1", port).stdout == b"ConnectionRefusedError\n"
 
 
 def test_another_sandbox_on_its_bridge_is_unreachable(
@@ -201,25 +171,25 @@ def test_another_sandbox_on_its_bridge_is_unreachable(
         first_ip = first.network_address
         # A local sandbox has no route off its /30 but to allowed endpoints: refused or dropped.
         blocked = {b"TimeoutError\n", b"OSError\n"}
-    assert python(first, LISTENER.replace('"127.0.0.1"', '"0.0.0.0"'), "7001").stdout == b"listening\n"
-    assert python(first, CONNECT, first_ip, "7001").stdout == b"here\n"
-    assert python(second, CONNECT, first_ip, "7001").stdout in blocked
+    assert python(first, DETACHED_LISTENER, "0.0.0.0", "7001", "here").stdout == b"listening\n"
+    assert python(first, TCP_PROBE, first_ip, "7001").stdout == b"here\n"
+    assert python(second, TCP_PROBE, first_ip, "7001").stdout in blocked
 
 
 def test_host_ports_other_than_the_hub_are_unreachable(
     backend: Any, sandbox_factory: Callable[..., Any]
 ) -> None:
-    hub, other = _Server(), _Server()
+    hub, other = hub_server("127.0.0.1"), hub_server("127.0.0.1")
     try:
         policy = NetworkPolicy.hub_only("127.0.0.1", hub.port)
         sandbox = sandbox_factory(network=policy)
         gateway = sandbox.network_gateway
-        assert python(sandbox, CONNECT, gateway, str(hub.port)).stdout == b"hub\n"
-        assert python(sandbox, CONNECT, gateway, str(other.port)).stdout == b"TimeoutError\n"
+        assert python(sandbox, TCP_PROBE, gateway, str(hub.port)).stdout == b"hub\n"
+        assert python(sandbox, TCP_PROBE, gateway, str(other.port)).stdout == b"TimeoutError\n"
         # Even a port the host opens on the sandbox's own bridge address stays closed to it.
-        on_bridge = _Server(gateway)
+        on_bridge = hub_server(gateway)
         try:
-            assert python(sandbox, CONNECT, gateway, str(on_bridge.port)).stdout == b"TimeoutError\n"
+            assert python(sandbox, TCP_PROBE, gateway, str(on_bridge.port)).stdout == b"TimeoutError\n"
         finally:
             on_bridge.close()
     finally:
@@ -290,24 +260,6 @@ def docker_client_if_docker(backend: Any) -> Any:
     return getattr(backend, "client", None)
 
 
-class _Server:
+def hub_server(host: str) -> HostServer:
     """A TCP server on the host answering "hub" (only the test connects to it)."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket()
-        self.sock.bind((host, 0))
-        self.sock.listen()
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"hub")
-
-    def close(self) -> None:
-        self.sock.close()
+    return HostServer(host, socket.SOCK_STREAM, b"hub")

@@ -11,30 +11,12 @@ import pytest
 from rayflow.errors import InvalidInputError
 from rayflow.swarm.model import Phase, PhaseEvent, SubtaskResult
 from rayflow.swarm.results_log import ResultsLog, RunSummary
-
-T0 = 1_700_000_000.0
-
-
-def make_result(
-    index: int, ok: bool = True, attempts: int = 1, memory_hits: int = 0, dispatches: int = 1
-) -> SubtaskResult:
-    return SubtaskResult(
-        subtask_id=f"job-{index}",
-        index=index,
-        ok=ok,
-        value={"attempts": attempts, "memory_hits": memory_hits},
-        error=None if ok else {"code": "tests_failed", "message": "2 tests failed"},
-        dispatches=dispatches,
-        worker_id=f"w-{index % 7}",
-        node_id=f"node-{index % 2}",
-        started_at=T0 + index,
-        ended_at=T0 + index + 0.5,
-    )
+from tests.swarm_records import T0, subtask_result
 
 
 def shuffled_results(count: int, seed: int = 3) -> list[SubtaskResult]:
     results = [
-        make_result(i, ok=i % 50 != 7, attempts=1 + i % 3, memory_hits=i % 4, dispatches=1 + (i % 100 == 0))
+        subtask_result(i, ok=i % 50 != 7, attempts=1 + i % 3, memory_hits=i % 4, dispatches=1 + (i % 100 == 0))
         for i in range(count)
     ]
     random.Random(seed).shuffle(results)
@@ -50,7 +32,7 @@ def test_results_come_back_in_index_order_after_out_of_order_arrival(tmp_path: P
 
 
 def test_a_result_reads_back_equal_to_what_was_appended(tmp_path: Path) -> None:
-    original = make_result(5, ok=False, attempts=3, memory_hits=2)
+    original = subtask_result(5, ok=False, attempts=3, memory_hits=2)
     with ResultsLog(tmp_path / "run.jsonl") as log:
         log.append(original)
         assert log.get(5) == original
@@ -111,11 +93,11 @@ def test_a_torn_last_line_is_skipped_on_read(tmp_path: Path) -> None:
 def test_resuming_after_a_torn_line_appends_on_a_fresh_line(tmp_path: Path) -> None:
     path = tmp_path / "run.jsonl"
     with ResultsLog(path) as log:
-        log.append(make_result(0))
+        log.append(subtask_result(0))
     with open(path, "ab") as file:
         file.write(b'{"kind":"result","subt')
     with ResultsLog(path) as resumed:
-        resumed.append(make_result(1))
+        resumed.append(subtask_result(1))
     lines = path.read_bytes().splitlines()
     assert [json.loads(line)["index"] for line in lines] == [0, 1]
 
@@ -134,8 +116,8 @@ def test_reopening_rebuilds_the_same_summary(tmp_path: Path) -> None:
 
 def test_a_later_result_for_the_same_index_replaces_the_earlier_one(tmp_path: Path) -> None:
     with ResultsLog(tmp_path / "run.jsonl") as log:
-        log.append(make_result(3, ok=False, attempts=4))
-        log.append(make_result(3, ok=True, attempts=1, dispatches=2))
+        log.append(subtask_result(3, ok=False, attempts=4))
+        log.append(subtask_result(3, ok=True, attempts=1, dispatches=2))
         assert len(log) == 1
         assert log.get(3).ok  # type: ignore[union-attr]
         assert list(log.failed()) == []
@@ -155,7 +137,7 @@ def test_events_stream_back_in_append_order(tmp_path: Path) -> None:
     with ResultsLog(tmp_path / "run.jsonl") as log:
         for i, event in enumerate(events):
             log.append_event(event)
-            log.append(make_result(i))
+            log.append(subtask_result(i))
         assert list(log.events()) == events
 
 
@@ -170,7 +152,7 @@ def test_a_readonly_log_refuses_appends(tmp_path: Path) -> None:
     path = tmp_path / "run.jsonl"
     ResultsLog(path).close()
     with pytest.raises(InvalidInputError):
-        ResultsLog(path, readonly=True).append(make_result(0))
+        ResultsLog(path, readonly=True).append(subtask_result(0))
 
 
 def test_opening_a_missing_file_readonly_is_an_input_error(tmp_path: Path) -> None:
@@ -180,10 +162,10 @@ def test_opening_a_missing_file_readonly_is_an_input_error(tmp_path: Path) -> No
 
 def test_run_summary_counts_a_replaced_result_out_again() -> None:
     summary = RunSummary()
-    failed = make_result(1, ok=False, attempts=3, memory_hits=2)
+    failed = subtask_result(1, ok=False, attempts=3, memory_hits=2)
     summary.add_result(failed)
     summary.add_result(failed, sign=-1)
-    summary.add_result(make_result(1))
+    summary.add_result(subtask_result(1))
     data = summary.to_dict()
     assert (data["subtasks"], data["failed"], data["attempts"], data["memory_hits"]) == (1, 0, 1, 0)
     assert data["error_codes"] == {}

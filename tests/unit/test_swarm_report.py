@@ -19,28 +19,21 @@ from rayflow.swarm.progress import LogDisplay, NotebookDisplay, ProgressCounts, 
 from rayflow.swarm.report import JobResult, select_rows
 from rayflow.swarm.results_log import ResultsLog
 from rayflow.swarm.synthesis import synthesize_report
-
-T0 = 1_700_000_000.0
-
-
-def make_result(index: int, ok: bool = True, attempts: int = 1, memory_hits: int = 0) -> SubtaskResult:
-    return SubtaskResult(
-        subtask_id=f"job-{index}",
-        index=index,
-        ok=ok,
-        value={"attempts": attempts, "memory_hits": memory_hits},
-        error=None if ok else {"code": "tests_failed", "message": "1 test failed"},
-        dispatches=2 if index == 3 else 1,
-        worker_id=f"w-{index % 20}",
-        node_id=f"node-{index % 2}",
-        started_at=T0 + index * 0.1,
-        ended_at=T0 + index * 0.1 + 2.0,
-    )
+from tests.swarm_records import T0, subtask_result
 
 
 def job_results(count: int, fail_every: int = 97) -> list[SubtaskResult]:
     return [
-        make_result(i, ok=i % fail_every != 5 % fail_every, attempts=1 + i % 3, memory_hits=i % 2)
+        subtask_result(
+            i,
+            ok=i % fail_every != 5 % fail_every,
+            attempts=1 + i % 3,
+            memory_hits=i % 2,
+            dispatches=2 if i == 3 else 1,
+            workers=20,
+            spacing_s=0.1,
+            duration_s=2.0,
+        )
         for i in range(count)
     ]
 

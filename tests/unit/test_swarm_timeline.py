@@ -41,6 +41,11 @@ def synthetic_run(workers: int, subtasks: int, seed: int = 11) -> list[PhaseEven
     return events
 
 
+def spans(*rows: tuple[Phase, str, float, float]) -> list[PhaseEvent]:
+    """One event per ``(phase, actor, start, end)`` row, times in seconds after ``T0``."""
+    return [PhaseEvent(phase, actor, T0 + start, T0 + end) for phase, actor, start, end in rows]
+
+
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE
@@ -54,12 +59,12 @@ def test_rows_put_the_coordinator_first_then_workers_in_natural_order() -> None:
 
 
 def test_phase_totals_count_overlapping_spans_once() -> None:
-    events = [
-        PhaseEvent(Phase.PROVISION, "w-0", T0, T0 + 2),
-        PhaseEvent(Phase.PROVISION, "w-1", T0 + 1, T0 + 3),
-        PhaseEvent(Phase.EXECUTE, "w-0", T0 + 3, T0 + 4),
-        PhaseEvent(Phase.EXECUTE, "w-1", T0 + 6, T0 + 7),
-    ]
+    events = spans(
+        (Phase.PROVISION, "w-0", 0, 2),
+        (Phase.PROVISION, "w-1", 1, 3),
+        (Phase.EXECUTE, "w-0", 3, 4),
+        (Phase.EXECUTE, "w-1", 6, 7),
+    )
     assert Timeline(events).phase_totals() == {"provision": 3.0, "execute": 2.0}
 
 
@@ -69,14 +74,14 @@ def test_phase_busy_sums_over_actors() -> None:
 
 
 def test_critical_path_follows_the_chain_that_ended_last() -> None:
-    events = [
-        PhaseEvent(Phase.DECOMPOSE, "coordinator", T0, T0 + 1),
-        PhaseEvent(Phase.PROVISION, "w-0", T0 + 1, T0 + 3),
-        PhaseEvent(Phase.PROVISION, "w-1", T0 + 1, T0 + 2),
-        PhaseEvent(Phase.EXECUTE, "w-0", T0 + 3, T0 + 10),
-        PhaseEvent(Phase.EXECUTE, "w-1", T0 + 2, T0 + 5),
-        PhaseEvent(Phase.AGGREGATE, "coordinator", T0 + 12, T0 + 13),
-    ]
+    events = spans(
+        (Phase.DECOMPOSE, "coordinator", 0, 1),
+        (Phase.PROVISION, "w-0", 1, 3),
+        (Phase.PROVISION, "w-1", 1, 2),
+        (Phase.EXECUTE, "w-0", 3, 10),
+        (Phase.EXECUTE, "w-1", 2, 5),
+        (Phase.AGGREGATE, "coordinator", 12, 13),
+    )
     timeline = Timeline(events)
     assert [(e.phase, e.actor) for e in timeline.critical_path()] == [
         (Phase.DECOMPOSE, "coordinator"),
@@ -89,11 +94,11 @@ def test_critical_path_follows_the_chain_that_ended_last() -> None:
 
 
 def test_spans_nested_in_an_agent_run_do_not_cut_the_critical_path_short() -> None:
-    events = [
-        PhaseEvent(Phase.EXECUTE, "w-0", T0, T0 + 10),
-        PhaseEvent(Phase.MEMORY_SYNC, "w-0", T0 + 9, T0 + 10),
-        PhaseEvent(Phase.AGGREGATE, "coordinator", T0 + 10, T0 + 11),
-    ]
+    events = spans(
+        (Phase.EXECUTE, "w-0", 0, 10),
+        (Phase.MEMORY_SYNC, "w-0", 9, 10),
+        (Phase.AGGREGATE, "coordinator", 10, 11),
+    )
     assert Timeline(events).critical_path_s == 11.0
 
 
