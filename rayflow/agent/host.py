@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayflow.agent.procfs import pidfd
 from rayflow.errors import InvalidInputError, OverloadedError, PayloadTooLargeError, RayflowError
 from rayflow.framing import FrameSplitter, frame
 
@@ -404,7 +405,7 @@ class AgentHost:
             pass
         self._close_fds(waiting.fds)
         deadline = None if timeout is None else self._clock() + timeout + CHILD_GRACE_S
-        child = _Child(pid, waiting.conn, deadline, _pidfd(pid))
+        child = _Child(pid, waiting.conn, deadline, pidfd(pid))
         self._children[pid] = child
         self._selector.register(waiting.conn, selectors.EVENT_READ, ("client", child))
         if child.pidfd is not None:
@@ -551,17 +552,6 @@ class AgentHost:
         self._listener.close()
         self._wake_read.close()
         self._wake_write.close()
-
-
-def _pidfd(pid: int) -> int | None:
-    """A descriptor that becomes readable when ``pid`` exits (Linux >= 5.3), else ``None``."""
-    opener = getattr(os, "pidfd_open", None)
-    if opener is None:
-        return None
-    try:
-        return int(opener(pid))
-    except OSError:
-        return None
 
 
 # --- starting a host ----------------------------------------------------------------------------

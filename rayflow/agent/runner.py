@@ -220,6 +220,20 @@ def connect_memory(env: Mapping[str, str]) -> Any:
     )
 
 
+def run_shell_agent(
+    command: str, task: Mapping[str, Any], workdir: Path, timeout_s: float | None
+) -> CommandOutcome:
+    """Run a shell agent: ``command`` in ``workdir`` with the task as JSON on its stdin and in the
+    file named by ``RAYFLOW_TASK_FILE`` (the one way every shell agent is started)."""
+    task_json = json.dumps(task).encode()
+    with tempfile.NamedTemporaryFile(prefix="rayflow-task-", suffix=".json") as task_file:
+        task_file.write(task_json)
+        task_file.flush()
+        return run_command(
+            command, cwd=workdir, stdin=task_json, env={"RAYFLOW_TASK_FILE": task_file.name}, timeout_s=timeout_s
+        )
+
+
 # --- running a spec ---------------------------------------------------------------------------
 def load_callable(target: str) -> Callable[[AgentContext], Any]:
     """The function named by ``"package.module:function"``."""
@@ -265,17 +279,7 @@ def run_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         command = agent.get("command")
         if not isinstance(command, str) or not command:
             raise InvalidInputError("a shell agent needs a 'command' string")
-        task_json = json.dumps(task).encode()
-        with tempfile.NamedTemporaryFile(prefix="rayflow-task-", suffix=".json") as task_file:
-            task_file.write(task_json)
-            task_file.flush()
-            outcome = run_command(
-                command,
-                cwd=workdir,
-                stdin=task_json,
-                env={"RAYFLOW_TASK_FILE": task_file.name},
-                timeout_s=spec.get("timeout_s"),
-            )
+        outcome = run_shell_agent(command, task, workdir, spec.get("timeout_s"))
         result.update(
             ok=outcome.ok,
             exit_code=outcome.exit_code,

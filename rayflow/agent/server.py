@@ -55,7 +55,7 @@ from rayflow.agent.channel import (
     request_id_of,
     result_event,
 )
-from rayflow.agent.procfs import own_group_options, rss_bytes, session_members
+from rayflow.agent.procfs import own_group_options, pidfd, rss_bytes, session_members
 from rayflow.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, RayflowError
 
 log = logging.getLogger("rayflow.agent")
@@ -407,7 +407,7 @@ class AgentServer:
         if process.stdin is not None:
             os.set_blocking(process.stdin.fileno(), False)
             selector.register(process.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
-        exit_fd = _pidfd(process.pid)
+        exit_fd = pidfd(process.pid)
         if exit_fd is not None:
             selector.register(exit_fd, selectors.EVENT_READ, "exit")
         deadline = None if request.timeout_s is None else started + request.timeout_s
@@ -477,17 +477,6 @@ def _os_error(exc: OSError) -> RayflowError:
     if isinstance(exc, FileNotFoundError):
         return NotFoundError(f"{exc.strerror}: {exc.filename}", **where)
     return InvalidInputError(f"{exc.strerror or exc}: {exc.filename}", errno=exc.errno, **where)
-
-
-def _pidfd(pid: int) -> int | None:
-    """A descriptor that becomes readable when ``pid`` exits (Linux >= 5.3), else ``None``."""
-    opener = getattr(os, "pidfd_open", None)
-    if opener is None:
-        return None
-    try:
-        return int(opener(pid))
-    except OSError:
-        return None
 
 
 def _has_exited(pid: int) -> bool:

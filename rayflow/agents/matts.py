@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -164,22 +163,12 @@ def _shell_attempt(
     context: Any, spec: Mapping[str, Any], task: dict[str, Any], timeout_s: float
 ) -> dict[str, Any]:
     """One attempt of a shell agent, as the runner would start it: task JSON on stdin and in a file."""
-    from rayflow.agent.runner import run_command
+    from rayflow.agent.runner import run_shell_agent
 
     command = spec.get("command")
     if not isinstance(command, str) or not command:
         raise InvalidInputError("a shell inner agent needs a 'command' string")
-    task_json = json.dumps(task).encode()
-    with tempfile.NamedTemporaryFile(prefix="rayflow-task-", suffix=".json") as task_file:
-        task_file.write(task_json)
-        task_file.flush()
-        outcome = run_command(
-            command,
-            cwd=context.workdir,
-            stdin=task_json,
-            env={"RAYFLOW_TASK_FILE": task_file.name},
-            timeout_s=timeout_s,
-        )
+    outcome = run_shell_agent(command, task, context.workdir, timeout_s)
     output = outcome.stdout.decode("utf-8", "replace") + outcome.stderr.decode("utf-8", "replace")
     return {
         "passed": outcome.ok,
