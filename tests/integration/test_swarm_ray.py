@@ -84,3 +84,31 @@ def test_a_worker_killed_mid_job_still_gives_every_subtask_exactly_once(swarm, t
     assert coordinator.get("worker_failures", 0) >= 1
     assert ProcessBackend().owned() == []
 
+
+
+def test_a_swarm_pinned_to_a_region_places_every_worker_there(swarm, ray_cluster, tmp_path):
+    from rayflow.api import Swarm
+
+    pinned = Swarm(hub_region="us-west", state_dir=swarm.state_dir, region="eu-central")
+    try:
+        job = Job(AgentRef.shell(WORK), TaskList([{"n": i} for i in range(4)]), backend="process", workers=2,
+                  limits=Limits(cpus=0.5))
+        rows = list(pinned.run(job, progress=False).results())
+    finally:
+        pinned.close()
+    assert {r.node_id for r in rows} == {ray_cluster.node_ids["eu-central"]}
+
+
+def test_pattern_b_through_the_coordinator_actor_decomposes_and_synthesizes_in_a_sandbox(swarm, tmp_path):
+    repo = tmp_path / "repo"
+    for name in ("one.py", "two.py", "skip.md"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(f"# {name}\n")
+    job = Job(AgentRef.shell("cat"), FileGlob(str(repo), "*.py"), backend="process", workers=2,
+              limits=Limits(cpus=0.5), pattern="B")
+    result = swarm.run(job, progress=False)
+    assert [r.value for r in result.results()] == [None, None]
+    assert result.summary["subtasks"] == 2 and result.summary["ok"] == 2
+    assert result.summary["phase_spans"]["decompose"] == 1
+    assert "Passed       2" in result.report
+    assert ProcessBackend().owned() == []
