@@ -13,8 +13,12 @@ import time
 from typing import Any
 
 
-def started_worker(name: str, deadline: float, *, ready_timeout_s: float) -> Any:
-    """The named worker actor once its sandbox is ready (looked up until ``deadline``)."""
+def started_worker(name: str, deadline: float, *, ready_timeout_s: float, swarm: Any = None) -> Any:
+    """The named worker actor once its sandbox is ready (looked up until ``deadline``).
+
+    With ``swarm``, also wait until the coordinator itself has counted a worker ready, so that a
+    kill right after lands on a worker the job is using, not on one still starting in its eyes.
+    """
     import ray
 
     while time.monotonic() < deadline:
@@ -23,6 +27,11 @@ def started_worker(name: str, deadline: float, *, ready_timeout_s: float) -> Any
         except ValueError:
             continue
         ray.get(actor.ready.remote(), timeout=ready_timeout_s)
+        if swarm is not None:
+            coordinator = swarm._coordinator_actor()
+            while time.monotonic() < deadline:
+                if ray.get(coordinator.progress.remote(), timeout=ready_timeout_s)["workers_ready"] >= 1:
+                    break
         return actor
     raise AssertionError(f"worker {name} never started")
 

@@ -360,7 +360,7 @@ class WorkerCore:
             "task": {**dict(subtask.task), "subtask_id": subtask.id, "job": self.plan.job_name},
             "timeout_s": self.plan.agent.timeout_s,
         }
-        env = {"RAYFLOW_SUBTASK_ID": subtask.id, "RAYFLOW_JOB": self.plan.job_name}
+        env = {"RAYFLOW_SUBTASK_ID": subtask.id, "RAYFLOW_JOB": self.plan.job_name, "RAYFLOW_WORKER": self.worker_id}
         if token is not None and self.plan.memory:
             env["RAYFLOW_HUB_TOKEN"] = token
         started = self._clock()

@@ -102,7 +102,7 @@ def test_a_worker_killed_mid_job_still_completes_every_subtask_once(swarm, codeb
 
     job = fixing_job(codebase, workers=2)
     thread, outcome = run_in_background(swarm, job, timeout_s=600)
-    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 180, ready_timeout_s=180))
+    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 180, ready_timeout_s=180, swarm=swarm))
     thread.join(timeout=900)
     check_recovered(outcome, job, docker_client)
 
@@ -122,6 +122,10 @@ def test_losing_a_non_head_node_mid_job_still_completes_every_subtask_once(swarm
         ]
         if any(info["node_id"] == victim_node for info in placed):
             break
+    # ... and until the coordinator counts all three as ready, so the node takes running workers with it.
+    coordinator = swarm._coordinator_actor()
+    while time.monotonic() < deadline and ray.get(coordinator.progress.remote())["workers_ready"] < 3:
+        thread.join(timeout=0.05)
     node = next(n for n in cluster.cluster.worker_nodes if n.node_id == victim_node)
     cluster.cluster.remove_node(node, allow_graceful=False)
     thread.join(timeout=900)

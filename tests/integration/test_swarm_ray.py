@@ -13,7 +13,7 @@ import pytest
 from rayflow.sandbox.process import ProcessBackend
 from rayflow.sandbox.spec import Limits
 from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
-from tests.swarm_support import run_in_background, started_worker
+from tests.swarm_support import run_in_background
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -70,10 +70,17 @@ def test_glob_decomposition_gives_one_subtask_per_matching_file(swarm, tmp_path)
 def test_a_worker_killed_mid_job_still_gives_every_subtask_exactly_once(swarm, tmp_path):
     import ray
 
-    job = Job(AgentRef.shell(WORK), TaskList([{"n": i} for i in range(10)]), backend="process", workers=2,
+    started = tmp_path / "started.log"
+    # Each run notes which worker runs it before working, so the test kills a worker mid-subtask.
+    agent = f"echo $RAYFLOW_WORKER >> {started}; {WORK}"
+    job = Job(AgentRef.shell(agent), TaskList([{"n": i} for i in range(10)]), backend="process", workers=2,
               limits=Limits(cpus=0.5))
     runner, outcome = run_in_background(swarm, job)
-    ray.kill(started_worker(f"{job.name}-w001", time.monotonic() + 120, ready_timeout_s=120))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (started.exists() and started.read_text().strip()):
+        runner.join(timeout=0.05)
+    victim = started.read_text().split()[0]
+    ray.kill(ray.get_actor(victim, namespace="rayflow"))
     runner.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
@@ -83,7 +90,6 @@ def test_a_worker_killed_mid_job_still_gives_every_subtask_exactly_once(swarm, t
     coordinator = result.summary.get("coordinator") or {}
     assert coordinator.get("worker_failures", 0) >= 1
     assert ProcessBackend().owned() == []
-
 
 
 def test_a_swarm_pinned_to_a_region_places_every_worker_there(swarm, ray_cluster, tmp_path):
