@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -20,12 +19,12 @@ from rayflow.errors import InvalidInputError, NotFoundError, TransportError
 from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.channel import ChannelSandbox
 from rayflow.sandbox.spec import KillReason, SandboxSpec
+from tests.process_support import GONE_WITHIN_S, wait_gone
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Generous bound on waiting for a killed process to disappear (an upper bound, not a measurement).
-GONE_WITHIN_S = 30.0
 
 
 def start_runtime(workdir: Path) -> subprocess.Popen[bytes]:
@@ -83,19 +82,6 @@ def sandbox(runtime: subprocess.Popen[bytes]) -> Iterator[ChannelSandbox]:
     )
     yield box
     box.destroy()
-
-
-def wait_gone(pid: int) -> bool:
-    """Wait (bounded) until ``pid`` has exited, woken by its pidfd rather than by polling."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], GONE_WITHIN_S)
-        return bool(readable)
-    finally:
-        os.close(fd)
 
 
 def is_gone_or_zombie(pid: int) -> bool:

@@ -13,20 +13,11 @@ import pytest
 
 from rayflow.auth import KeyRing, RevocationList, Scope, TokenIssuer, TokenVerifier
 from rayflow.errors import AuthError, ConfigError, InvalidInputError
+from tests.clock_support import SteppedClock
 
 pytestmark = pytest.mark.integration
 
 NOW = 1_700_000_000.0
-
-
-class SteppedClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import select
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,10 +13,10 @@ from rayflow.sandbox.backend import SandboxBackend
 from rayflow.sandbox.channel import ChannelSandbox
 from rayflow.sandbox.process import ProcessBackend
 from rayflow.sandbox.spec import MIB, OWNER_LABEL, Limits, SandboxSpec
+from tests.process_support import wait_gone
 
 pytestmark = pytest.mark.integration
 
-GONE_WITHIN_S = 30.0
 
 
 @pytest.fixture
@@ -34,18 +32,6 @@ def spec(owner: str = "worker-1", **fields: object) -> SandboxSpec:
 
 def workdir_of(sandbox: ChannelSandbox) -> Path:
     return Path(sandbox.exec('printf %s "$RAYFLOW_WORKDIR"').stdout.decode())
-
-
-def wait_gone(pid: int) -> bool:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        readable, _, _ = select.select([fd], [], [], GONE_WITHIN_S)
-        return bool(readable)
-    finally:
-        os.close(fd)
 
 
 def test_the_backend_implements_the_backend_protocol(backend: ProcessBackend) -> None:

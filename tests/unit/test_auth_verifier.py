@@ -16,18 +16,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from rayflow.auth import KeyRing, Scope, TokenIssuer, TokenVerifier
 from rayflow.auth.verifier import REQUIRED_CLAIMS
 from rayflow.errors import AuthError, ConfigError
+from tests.clock_support import SteppedClock
 
 START = 1_700_000_000.0
-
-
-class SteppedClock:
-    """A wall clock the test moves by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
