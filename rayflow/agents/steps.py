@@ -7,13 +7,12 @@ sandbox's token. Standard library plus rayflow's light modules only (the image c
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rayflow.agent.runner import HUB_ENV
+from rayflow.agent.runner import HUB_ENV, load_callable
 from rayflow.errors import InvalidInputError
 from rayflow.swarm.globbing import glob_files
 from rayflow.swarm.synthesis import synthesize_report
@@ -34,8 +33,7 @@ def decompose(context: Any) -> list[dict[str, Any]]:
         extra = dict(spec.get("extra") or {})
         payloads = [{"path": path, **extra} for path in glob_files(Path(context.workdir), str(spec["pattern"]))]
     elif kind == "function":
-        module_name, _, attribute = str(spec.get("target", "")).partition(":")
-        function = getattr(importlib.import_module(module_name), attribute)
+        function = load_callable(str(spec.get("target", "")))
         payloads = [dict(task) for task in function(dict(context.task.get("job_task") or {}))]
     else:
         raise InvalidInputError(f"unknown decomposition kind {kind!r}")

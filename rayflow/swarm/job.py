@@ -9,10 +9,9 @@ of a repository matching a glob, or a user function that returns the tasks.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +109,13 @@ Decomposition = TaskList | FileGlob | FunctionDecomposition
 
 
 def resolve_function(target: str) -> Callable[..., Any]:
-    """The callable named ``"package.module:function"``."""
-    module_name, _, attribute = target.partition(":")
+    """The callable named ``"package.module:function"`` (the runner's lookup; a bad name is a config error)."""
+    from rayflow.agent.runner import load_callable
+
     try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
+        return load_callable(target)
+    except (ImportError, InvalidInputError) as exc:
         raise ConfigError(f"cannot load {target!r}: {exc}") from None
-    if not callable(function):
-        raise ConfigError(f"{target!r} is not callable")
-    return function
 
 
 def iter_task_payloads(
@@ -251,9 +248,6 @@ class Job:
         """Namespace patterns of a worker's token: the job's results, plus the shared memory namespaces."""
         return [self.results_scope, *self.memory_namespaces]
 
-    def with_name(self, name: str) -> Job:
-        return replace(self, name=name)
-
 
 def subtask_result_namespace(results_namespace: str, subtask_id: str) -> str:
     """The namespace holding exactly one subtask's result record (so it can be looked up alone)."""
@@ -272,7 +266,3 @@ def _segment(text: str) -> str:
 def subtasks_of(job: Job) -> Iterator[Subtask]:
     """The job's subtasks, decomposed on this host (pattern A)."""
     return iter_subtasks(job.name, iter_task_payloads(job.decomposition, job.task))
-
-
-def task_payload_list(payloads: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return [dict(p) for p in payloads]
