@@ -1,4 +1,4 @@
-"""``Coordinator``: the Ray actor that runs a job — a thin shell over :class:`rayflow.swarm.session.JobRunner`.
+"""``Coordinator``: the Ray actor that runs a job — a thin shell over :class:`rayflow.swarm.coordinator_core.CoordinatorCore`.
 
 It is a threaded actor (``max_concurrency``) so that ``progress`` and ``cancel`` answer while
 ``run`` is busy. Its workers are ``SandboxWorker`` actors (:class:`actors.fleet.RayFleet`); its
@@ -18,11 +18,11 @@ from actors.hub_replica import get_hub_replica
 from actors.sandbox_worker import token_minter
 from rayflow.sandbox.image import DEFAULT_TAG
 from rayflow.sandbox.select import probe_engine, select_backend
-from rayflow.swarm.coordinator import RunStats
+from rayflow.swarm.coordinator_core import CoordinatorCore, HubSession, start_step_core
+from rayflow.swarm.dispatch_loop import RunStats
 from rayflow.swarm.job import Job
-from rayflow.swarm.model import Pattern
-from rayflow.swarm.session import HubSession, JobRunner, start_step_core
-from rayflow.swarm.worker import HubAccess, WorkerCore, WorkerPlan, sandbox_profile
+from rayflow.swarm.worker_core import HubAccess, WorkerCore, WorkerPlan, sandbox_profile
+from rayflow.wire.subtasks import Pattern
 
 
 def hub_session(hub_region: str, tenant: str) -> HubSession:
@@ -41,7 +41,7 @@ class Coordinator:
     """Runs jobs one at a time; ask ``progress()`` meanwhile."""
 
     def __init__(self) -> None:
-        self._runner: JobRunner | None = None
+        self._runner: CoordinatorCore | None = None
         self._stats = RunStats()
         #: Started sandboxes for the steps of the next pattern-B job, by profile (each used once).
         self._warm_steps: dict[tuple[Any, ...], WorkerCore] = {}
@@ -109,7 +109,7 @@ class Coordinator:
         if job.pattern is Pattern.FULL_SANDBOX:
             step_sandboxes = select_backend(job.backend, allow_unisolated=job.backend == "process").create
             step_core = self._warm_steps.pop(self._step_key(job, hub), None)
-        self._runner = JobRunner(
+        self._runner = CoordinatorCore(
             job,
             make_fleet,
             results_dir,

@@ -21,8 +21,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.hub_replica import RAY_NAMESPACE
 from actors.placement import pin_to_region
 from actors.sandbox_worker import SandboxWorker
-from rayflow.swarm.model import PhaseEvent, Subtask, SubtaskResult
-from rayflow.swarm.worker import HubAccess, WorkerPlan
+from rayflow.swarm.worker_core import HubAccess, WorkerPlan
+from rayflow.wire.subtasks import PhaseEvent, Subtask, SubtaskResult
 
 log = logging.getLogger("rayflow.actors.fleet")
 

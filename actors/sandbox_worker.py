@@ -1,6 +1,6 @@
 """``SandboxWorker``: a Ray actor that owns exactly one sandbox for its whole life.
 
-A thin shell over :class:`rayflow.swarm.worker.WorkerCore`: the constructor provisions the sandbox
+A thin shell over :class:`rayflow.swarm.worker_core.WorkerCore`: the constructor provisions the sandbox
 (so the actor is "ready" when its sandbox is), ``run`` executes one subtask at a time (the actor
 has a single thread of execution), ``shutdown`` destroys the sandbox and ends the actor. Tokens are
 minted by the region's :class:`~actors.hub_replica.HubReplica`, which holds the signing keys; the
@@ -20,14 +20,14 @@ import ray
 from actors.hub_replica import get_hub_replica
 from rayflow.auth.claims import Scope
 from rayflow.sandbox.select import select_backend
-from rayflow.swarm.model import Subtask
-from rayflow.swarm.worker import HubAccess, WorkerCore, WorkerPlan
+from rayflow.swarm.worker_core import HubAccess, WorkerCore, WorkerPlan
+from rayflow.wire.subtasks import Subtask
 
 log = logging.getLogger("rayflow.actors.sandbox_worker")
 
 
 def token_minter(hub_region: str, tenant: str) -> Any:
-    """A :class:`~rayflow.swarm.worker.TokenMinter` asking the region's hub replica for tokens."""
+    """A :class:`~rayflow.swarm.worker_core.TokenMinter` asking the region's hub replica for tokens."""
 
     def mint(sub: str, namespaces: list[str], ttl_s: int) -> str:
         hub = get_hub_replica(hub_region)

@@ -4,7 +4,7 @@ Run from the repository root: ``python benchmarks/learning.py [--quick] [--out F
 
 The same three jobs as the demo (:mod:`rayflow.jobs.demo`), through the real swarm: a Ray
 instance started by this script, a ReasoningBank hub actor serving memory over QUIC, and every
-module fixed by :func:`rayflow.agents.fixer.fix_module` in its own sandbox of the chosen backend
+module fixed by :func:`rayflow.guest.agents.fixer.fix_module` in its own sandbox of the chosen backend
 (default ``auto``: Docker when an engine answers, the image being built if stale). Each job works
 on a fresh upload of the same generated codebase (one real defect per module, checked by running
 its unittest tests):

@@ -36,7 +36,7 @@ from upstream_scan import UpstreamScanBank  # noqa: E402
 from rayflow.config import load_config  # noqa: E402
 from rayflow.jobs.synthetic_tasks import lesson_texts, task_query  # noqa: E402
 from rayflow.memory.bank import ReasoningBank  # noqa: E402
-from rayflow.memory.models import Lesson, Outcome  # noqa: E402
+from rayflow.wire.memory_records import Lesson, Outcome  # noqa: E402
 
 TENANT = "acme"
 BATCH = 1000

@@ -60,7 +60,7 @@ def model_job(name: str, *, backend: str, port: int, pattern: str = "A", warm: b
         for i in range(AGENTS)
     ]
     return Job(
-        AgentRef.python("rayflow.agents.model_call:answer", timeout_s=120),
+        AgentRef.python("rayflow.guest.agents.model_call:answer", timeout_s=120),
         TaskList(tasks),
         name=name,
         backend=backend,

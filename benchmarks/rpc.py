@@ -42,11 +42,11 @@ from rayflow.auth.keys import KeyRing  # noqa: E402
 from rayflow.auth.revocation import RevocationList  # noqa: E402
 from rayflow.auth.verifier import TokenVerifier  # noqa: E402
 from rayflow.config import load_config  # noqa: E402
-from rayflow.hub.client import HubClient  # noqa: E402
 from rayflow.hub.server import revocations_path, signing_keys_path  # noqa: E402
 from rayflow.jobs.synthetic_tasks import lesson_texts, task_query  # noqa: E402
 from rayflow.memory.bank import ReasoningBank  # noqa: E402
 from rayflow.memory.embedding import HashingEmbedder  # noqa: E402
+from rayflow.wire.hub_client import HubClient  # noqa: E402
 
 READ_WRITE = ["reasoningbank:read", "reasoningbank:write"]
 

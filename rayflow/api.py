@@ -110,13 +110,13 @@ class Swarm:
         return ray.get(self.hub.endpoint.remote())
 
     def _warm_key(self, job: Job) -> tuple[Any, ...]:
-        from rayflow.swarm.worker import WorkerPlan, sandbox_profile
+        from rayflow.swarm.worker_core import WorkerPlan, sandbox_profile
 
         plan = WorkerPlan.for_job(job, self._hub_access())
         return (job.backend, job.tenant, sandbox_profile(plan.spec))
 
     def _hub_access(self) -> Any:
-        from rayflow.swarm.worker import HubAccess
+        from rayflow.swarm.worker_core import HubAccess
 
         endpoint = self.endpoint()
         return HubAccess(endpoint["host"], int(endpoint["port"]), bytes(endpoint["ca_pem"]))
@@ -132,7 +132,7 @@ class Swarm:
         import ray
 
         from actors.fleet import RayFleet
-        from rayflow.swarm.worker import WorkerPlan
+        from rayflow.swarm.worker_core import WorkerPlan
 
         hub = self._hub_access()
         fleet = RayFleet(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from rayflow.memory.models import ScoredItem
+from rayflow.wire.memory_records import ScoredItem
 
 
 def retrieval_table(results: Sequence[ScoredItem], title: str, *, with_ids: bool = False) -> Table:

@@ -8,7 +8,7 @@ how many workers), since its expected numbers are computed from that mix.
 
 from __future__ import annotations
 
-from rayflow.swarm.model import SubtaskResult
+from rayflow.wire.subtasks import SubtaskResult
 
 #: Start of every made-up run (seconds since the epoch, late 2023).
 T0 = 1_700_000_000.0

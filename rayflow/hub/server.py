@@ -1,6 +1,6 @@
 """``HubServer``: the ReasoningBank served over QUIC RPC, every call checked against its JWT.
 
-Composition only: :class:`~rayflow.rpc.server.RpcServer` carries the calls, the auth core
+Composition only: :class:`~rayflow.rpc.quic_server.RpcServer` carries the calls, the auth core
 verifies each call's token (a cached check, revocation included), :class:`HubService` runs the
 op for the verified claims, and every outcome is audited.
 
@@ -32,7 +32,7 @@ from rayflow.hub.service import OPS, HubService
 from rayflow.memory.bank import ReasoningBank
 from rayflow.memory.store import AuditRecord
 from rayflow.rpc.dispatch import Arg, CallContext, Dispatcher, optional
-from rayflow.rpc.server import RpcServer
+from rayflow.rpc.quic_server import RpcServer
 
 logger = logging.getLogger(__name__)
 

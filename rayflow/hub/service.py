@@ -16,10 +16,10 @@ from rayflow.auth.claims import Claims, Scope
 from rayflow.auth.issuer import TokenIssuer
 from rayflow.auth.revocation import RevocationList
 from rayflow.errors import InvalidInputError, ItemNotFoundError, PermissionDeniedError
-from rayflow.hub.ops import OPS, OpInfo
-from rayflow.hub.wire import item_to_wire, scored_to_wire, trajectory_from_wire, verdict_to_wire
 from rayflow.memory.bank import ReasoningBank
 from rayflow.namespace import ROOT, normalize_namespace
+from rayflow.wire.hub_ops import OPS, OpInfo
+from rayflow.wire.hub_records import item_to_wire, scored_to_wire, trajectory_from_wire, verdict_to_wire
 
 HUB_VERSION = 1
 

@@ -1,8 +1,8 @@
 """The swarm demo job: a swarm fixes a broken codebase three times and learns to do it faster.
 
 ``python -m rayflow.jobs.demo`` (or ``rayflow demo``) generates a codebase of small Python modules,
-each with one real defect and real unittest tests (:mod:`rayflow.swarm.demo_codebase`), and runs
-three jobs of the fixing agent (:func:`rayflow.agents.fixer.fix_module`) over it on a Ray
+each with one real defect and real unittest tests (:mod:`rayflow.jobs.demo_codebase`), and runs
+three jobs of the fixing agent (:func:`rayflow.guest.agents.fixer.fix_module`) over it on a Ray
 cluster, each subtask in its own sandbox and each job on a fresh copy of the same broken code:
 
 1. ``memory-off``: the control; agents get no hub token and try repairs in their default order;
@@ -39,9 +39,9 @@ from rich.table import Table
 
 from rayflow.errors import ConfigError
 from rayflow.swarm.job import BACKENDS, AgentRef, Job, TaskList
-from rayflow.swarm.model import Phase
+from rayflow.wire.subtasks import Phase
 
-FIXER = "rayflow.agents.fixer:fix_module"
+FIXER = "rayflow.guest.agents.fixer:fix_module"
 DEFAULT_OUT = Path("rayflow-demo-out")
 DEFAULT_MODULES = 24
 DEFAULT_WORKERS = 2
@@ -382,7 +382,7 @@ class DemoResult:
 def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResult:
     """Generate the codebase, run the three jobs, print their tables and write the artifacts."""
     from rayflow.api import Swarm
-    from rayflow.swarm.demo_codebase import decompose_codebase, generate_codebase
+    from rayflow.jobs.demo_codebase import decompose_codebase, generate_codebase
 
     console = console or Console()
     out = Path(settings.out).resolve()

@@ -21,7 +21,7 @@ from rayflow.config import load_config
 from rayflow.display import retrieval_table
 from rayflow.jobs.synthetic_tasks import trajectory
 from rayflow.memory.bank import ReasoningBank
-from rayflow.memory.models import Step, Trajectory
+from rayflow.wire.memory_records import Step, Trajectory
 
 TENANT = "acme"
 NAMESPACE = "swarm/demo"

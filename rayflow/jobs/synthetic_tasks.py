@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rayflow.memory.models import Step, Trajectory
+from rayflow.wire.memory_records import Step, Trajectory
 
 COMPONENTS = (
     "config loader",

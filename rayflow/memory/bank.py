@@ -34,12 +34,18 @@ from rayflow.errors import (
 )
 from rayflow.ids import is_valid_id, new_id
 from rayflow.memory.attributes import FilterKey, TenantAttributes
+from rayflow.memory.consolidate import plan_consolidation
 from rayflow.memory.crypto import CipherCache, FileKeyProvider, KeyProvider
 from rayflow.memory.distill import Distiller, RuleDistiller
 from rayflow.memory.embedding import Embedder, embedder_from_name
 from rayflow.memory.index import IndexSet, TenantIndex
 from rayflow.memory.judge import HeuristicJudge, Judge
-from rayflow.memory.models import (
+from rayflow.memory.scoring import beta_reliability_array, combined_score, mmr_order, recency
+from rayflow.memory.scrub import scrub
+from rayflow.memory.store import Mutation, Store, default_database_path
+from rayflow.namespace import ROOT, normalize_namespace
+from rayflow.tenant import validate_tenant_name
+from rayflow.wire.memory_records import (
     Lesson,
     MemoryItem,
     Outcome,
@@ -47,11 +53,6 @@ from rayflow.memory.models import (
     Trajectory,
     Verdict,
 )
-from rayflow.memory.scoring import beta_reliability_array, combined_score, mmr_order, recency
-from rayflow.memory.scrub import scrub
-from rayflow.memory.store import Mutation, Store, default_database_path
-from rayflow.namespace import ROOT, normalize_namespace
-from rayflow.tenant import validate_tenant_name
 
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 64
@@ -387,6 +388,7 @@ class ReasoningBank:
                 source_agent=source_agent,
                 embedding_model=self.embedder.name,
                 dim=self.embedder.dim,
+                prior_strength=self._memory.prior_strength,
             )
             payload = {
                 "namespace": namespace,
@@ -515,6 +517,7 @@ class ReasoningBank:
             source_agent=source_agent,
             embedding_model=model,
             dim=dim,
+            prior_strength=self._memory.prior_strength,
         )
 
     def retrieve(
@@ -749,11 +752,9 @@ class ReasoningBank:
         By default only items added since the previous run are compared against the rest
         (everything is compared when ``full`` is set); pruning always considers every item.
         """
-        from rayflow.memory.consolidate import plan_consolidation
-
         state = self._tenant(tenant)
         started = self._clock()
-        plan = plan_consolidation(self, tenant, state.index, full=full, now=started)
+        plan = plan_consolidation(self._memory, self.store.reader(), tenant, state.index, full=full, now=started)
         run_id = new_id()
         mutations = list(plan.mutations)
         mutations.append(

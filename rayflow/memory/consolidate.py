@@ -18,17 +18,16 @@ through the store's single mutation path, so a consolidation replicates like any
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import apsw
 import numpy as np
 
+from rayflow.config import MemoryConfig
 from rayflow.memory.index import TenantIndex
-from rayflow.memory.models import LinkKind
-from rayflow.memory.scoring import SECONDS_PER_DAY, beta_reliability
+from rayflow.memory.scoring import SECONDS_PER_DAY
 from rayflow.memory.store import Mutation
-
-if TYPE_CHECKING:
-    from rayflow.memory.bank import ReasoningBank
+from rayflow.wire.memory_records import LinkKind, beta_reliability
 
 #: Nearest neighbours examined per item.
 NEIGHBOURS = 10
@@ -60,11 +59,13 @@ class _Row:
 
 
 def plan_consolidation(
-    bank: ReasoningBank, tenant: str, index: TenantIndex, *, full: bool, now: float
+    cfg: MemoryConfig, conn: apsw.Connection, tenant: str, index: TenantIndex, *, full: bool, now: float
 ) -> ConsolidationPlan:
-    """Work out one consolidation of ``tenant`` without changing anything."""
-    cfg = bank.config.memory
-    conn = bank.store.reader()
+    """Work out one consolidation of ``tenant`` without changing anything.
+
+    Takes the memory settings and a read connection, not the bank: planning needs nothing else,
+    and the bank (which commits the plan) is then the only one of the two that knows the other.
+    """
     plan = ConsolidationPlan(
         params={
             "full": full,

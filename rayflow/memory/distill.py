@@ -25,8 +25,8 @@ from rayflow.memory.judge import (
     parse_test_summary,
     render_trajectory,
 )
-from rayflow.memory.models import Lesson, Outcome, Step, Trajectory, Verdict
 from rayflow.memory.scrub import scrub_text
+from rayflow.wire.memory_records import Lesson, Outcome, Step, Trajectory, Verdict
 
 log = logging.getLogger(__name__)
 

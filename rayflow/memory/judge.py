@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from rayflow.memory.models import Outcome, Step, Trajectory, Verdict
 from rayflow.memory.scrub import scrub_text
+from rayflow.wire.memory_records import Outcome, Step, Trajectory, Verdict
 
 log = logging.getLogger(__name__)
 

@@ -12,22 +12,10 @@ import numpy as np
 SECONDS_PER_DAY = 86_400.0
 
 
-def beta_reliability(prior: float, successes: float, failures: float, strength: float = 2.0) -> float:
-    """Posterior mean of a Beta belief that using this item leads to success.
-
-    The stored confidence ``prior`` acts as ``strength`` pseudo-observations
-    (``alpha0 = prior * strength``, ``beta0 = (1 - prior) * strength``); every reported outcome
-    then moves the estimate, and many outcomes outweigh the prior.
-    """
-    alpha = prior * strength + successes
-    beta = (1.0 - prior) * strength + failures
-    return alpha / (alpha + beta)
-
-
 def beta_reliability_array(
     prior: np.ndarray, successes: np.ndarray, failures: np.ndarray, strength: float = 2.0
 ) -> np.ndarray:
-    """Vectorised :func:`beta_reliability`."""
+    """Vectorised :func:`rayflow.wire.memory_records.beta_reliability`."""
     alpha = prior * strength + successes
     beta = (1.0 - prior) * strength + failures
     return alpha / (alpha + beta)

@@ -5,11 +5,11 @@ requests onto handlers, ``tls`` makes the certificates, ``server`` and ``client`
 shells around them.
 """
 
-from rayflow.rpc.client import HandshakeInfo, RpcClient, SyncRpcClient
 from rayflow.rpc.dispatch import Arg, CallContext, Dispatcher, optional
-from rayflow.rpc.protocol import DEFAULT_ALPN
-from rayflow.rpc.server import RpcServer
+from rayflow.rpc.quic_server import RpcServer
 from rayflow.rpc.tls import ServerTlsFiles, ensure_server_tls
+from rayflow.wire.rpc_client import HandshakeInfo, RpcClient, SyncRpcClient
+from rayflow.wire.rpc_protocol import DEFAULT_ALPN
 
 __all__ = [
     "DEFAULT_ALPN",

@@ -28,7 +28,7 @@ from rayflow.errors import (
     TooEarlyError,
     UnknownOperationError,
 )
-from rayflow.rpc.frames import Request, encode_error, encode_response
+from rayflow.wire.rpc_frames import Request, encode_error, encode_response
 
 logger = logging.getLogger(__name__)
 

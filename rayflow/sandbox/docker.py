@@ -1,6 +1,6 @@
 """The ``docker`` backend: each sandbox is a locked-down container whose main process is the runtime.
 
-The container runs ``python3 -m rayflow.agent serve`` from the sandbox image with its stdin held
+The container runs ``python3 -m rayflow.guest serve`` from the sandbox image with its stdin held
 open; the host talks to it over the engine's attach stream (one socket carrying stdin one way and
 stdout/stderr the other way), wrapped as a process for :class:`ChannelSandbox`. Why attach and
 not ``docker exec`` per call: an exec costs a round trip through the engine and containerd
@@ -57,7 +57,7 @@ from typing import Any
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError, TransportError
 from rayflow.sandbox import docker_network
 from rayflow.sandbox.cgroups import Cgroup, find_hierarchies
-from rayflow.sandbox.channel import ChannelSandbox
+from rayflow.sandbox.channel_sandbox import ChannelSandbox
 from rayflow.sandbox.reaper import Reaper, Ticket
 from rayflow.sandbox.spec import (
     OWNER_LABEL,
@@ -66,6 +66,7 @@ from rayflow.sandbox.spec import (
     SandboxStats,
 )
 from rayflow.sandbox.wrapper import CgroupJudgedSandbox, KillCounters
+from rayflow.wire.guest_commands import GUEST_PACKAGE
 
 log = logging.getLogger("rayflow.sandbox.docker")
 
@@ -76,7 +77,7 @@ BACKEND_LABEL = "rayflow.backend"
 BACKEND_NAME = "docker"
 #: The sandbox user of the image (see :mod:`rayflow.sandbox.image`).
 SANDBOX_UID = 10001
-RUNTIME_COMMAND = ("python3", "-m", "rayflow.agent", "serve")
+RUNTIME_COMMAND = ("python3", "-m", GUEST_PACKAGE, "serve")
 HOSTNAME = "sandbox"
 #: How long the first ping may take (a cold container start on a loaded machine).
 START_TIMEOUT_S = 60.0

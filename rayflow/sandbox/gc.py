@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from rayflow.agent.procfs import start_time
 from rayflow.errors import ConfigError
 from rayflow.sandbox.backend import SandboxBackend
+from rayflow.wire.procfs import start_time
 
 log = logging.getLogger("rayflow.sandbox.gc")
 

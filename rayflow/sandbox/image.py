@@ -8,16 +8,17 @@ imports it as an image; no base image is pulled. Where a registry is reachable,
 Why a hash label: building costs tens of seconds, so an image is rebuilt only when what it
 would ship changed. The hash covers the build recipe and parameters and the bytes of every
 shipped rayflow file; it is stored as the label ``rayflow.image-hash`` and compared before
-building. Of rayflow the image holds the runtime (``rayflow/__init__.py``, ``errors.py``,
-``framing.py`` and ``rayflow/agent/``) and, by default, the client side of the hub (the hub
-client, its op table and wire conversions, the plain memory records and the RPC layer): agents
-reach the ReasoningBank through ``AgentContext.memory``, but the bank itself, its index and the
-token machinery never enter a sandbox.
+building. Of rayflow the image holds exactly two folders, ``rayflow/guest/`` (what runs inside a
+sandbox) and ``rayflow/wire/`` (what crosses the wall, the hub client included), plus
+``rayflow/__init__.py`` and ``errors.py``: agents reach the ReasoningBank through
+``AgentContext.memory``, but the bank itself, its index and the token machinery never enter a
+sandbox.
 
 The hub client's third-party packages (aioquic and its dependencies; msgpack comes from Debian)
 are copied from this machine's Python environment when its minor version matches the image's
 Python (wheels are compiled per minor version), otherwise fetched as wheels with pip. Building
-without them (``with_hub_client=False``) gives a smaller image whose agents cannot use memory.
+without them (``with_hub_client=False``) gives a smaller image whose agents cannot use memory
+(the client modules are there, their packages are not: ``context.memory`` says so).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ HUB_CLIENT_LABEL = "rayflow.hub-client"
 PYTHON_LABEL = "rayflow.python-version"
 
 #: Bump whenever a change to this module changes what lands in the image.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 METHODS = ("debootstrap", "dockerfile")
 
 AGENT_USER = "agent"
@@ -73,31 +74,13 @@ HUB_CLIENT_REQUIREMENTS = ("aioquic",)
 #: (``docker images``: 117 MB without, 138 MB with).
 DEFAULT_WITH_HUB_CLIENT = True
 
-#: rayflow files (relative to the package) of the in-sandbox runtime, besides ``agent/``: the
-#: swarm's light records and the pieces its sandboxed steps use (pattern B), and the agents that
-#: run in sandboxes (``agents/``: the demo's fixer, the coordinator's steps).
-RUNTIME_FILES = (
-    "__init__.py",
-    "errors.py",
-    "framing.py",
-    "swarm/__init__.py",
-    "swarm/counts.py",
-    "swarm/globbing.py",
-    "swarm/model.py",
-    "swarm/synthesis.py",
-)
-RUNTIME_TREES = ("agent", "agents")
-#: rayflow files and trees of the hub client: what ``import rayflow.hub.client`` loads. The
-#: ``rpc`` package is shipped whole because its ``__init__`` imports every module of it.
-HUB_CLIENT_FILES = (
-    "hub/__init__.py",
-    "hub/client.py",
-    "hub/ops.py",
-    "hub/wire.py",
-    "memory/__init__.py",
-    "memory/models.py",
-)
-HUB_CLIENT_TREES = ("rpc",)
+#: What of rayflow a sandbox holds: the package marker, the error hierarchy (its codes travel
+#: through the channel and over RPC) and two whole folders, ``guest`` (everything that runs inside a
+#: sandbox) and ``wire`` (what crosses the wall, shared with the host). The import contracts in
+#: ``pyproject.toml`` keep ``guest`` and ``wire`` from reaching anything else of rayflow, so these
+#: folders are complete by construction: no list of modules to keep in step by hand.
+SHIPPED_FILES = ("__init__.py", "errors.py")
+SHIPPED_TREES = ("guest", "wire")
 
 #: Paths of the root filesystem no sandbox needs: package caches and lists, documentation,
 #: translations; together about half of a fresh debootstrap.
@@ -154,25 +137,16 @@ def package_root() -> Path:
     return Path(rayflow.__file__).resolve().parent
 
 
-def shipped_files(
-    source_dir: Path, *, with_hub_client: bool = DEFAULT_WITH_HUB_CLIENT
-) -> list[tuple[str, Path]]:
+def shipped_files(source_dir: Path) -> list[tuple[str, Path]]:
     """(path inside the image's ``rayflow`` package, host file) of every shipped file, sorted.
 
-    The runtime's own tree plus the package marker, the error hierarchy and the framing it uses;
-    with the hub client also the client's modules (``HUB_CLIENT_FILES``, ``HUB_CLIENT_TREES``).
-    Compiled caches are left out because the image compiles its own.
+    ``SHIPPED_FILES`` plus every source file under ``SHIPPED_TREES``. Compiled caches are left
+    out because the image compiles its own.
     """
-    agent_dir = source_dir / "agent"
-    if not (agent_dir / "__init__.py").is_file():
-        raise ConfigError(f"no in-sandbox runtime at {agent_dir} (rayflow/agent/__init__.py is missing)")
-    names = list(RUNTIME_FILES)
-    trees = list(RUNTIME_TREES)
-    if with_hub_client:
-        names += HUB_CLIENT_FILES
-        trees += HUB_CLIENT_TREES
-    files = [(name, source_dir / name) for name in names]
-    for tree in trees:
+    if not (source_dir / "guest" / "__init__.py").is_file():
+        raise ConfigError(f"no in-sandbox runtime at {source_dir / 'guest'} (rayflow/guest/__init__.py is missing)")
+    files = [(name, source_dir / name) for name in SHIPPED_FILES]
+    for tree in SHIPPED_TREES:
         for path in sorted((source_dir / tree).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
                 files.append((path.relative_to(source_dir).as_posix(), path))
@@ -227,7 +201,7 @@ def image_changes(labels: dict[str, str]) -> list[str]:
         f"WORKDIR {WORKDIR}",
         # A command rather than an entrypoint: `docker run IMAGE cmd...` replaces it without
         # --entrypoint, and the Docker backend passes it explicitly anyway.
-        'CMD ["python3", "-m", "rayflow.agent", "serve"]',
+        'CMD ["python3", "-m", "rayflow.guest", "serve"]',
     ]
     return changes
 
@@ -314,7 +288,7 @@ def expected_hash(method: str, with_hub_client: bool, source_dir: Path | None = 
     """Hash a build with these parameters would label its image with."""
     if method not in METHODS:
         raise ConfigError(f"unknown image build method {method!r} (known: {', '.join(METHODS)})")
-    files = shipped_files(source_dir or package_root(), with_hub_client=with_hub_client)
+    files = shipped_files(source_dir or package_root())
     dists = hub_client_distributions() if with_hub_client and _can_copy_host_wheels() else None
     dockerfile = _dockerfile_path().read_bytes() if method == "dockerfile" else b""
     return image_hash(
@@ -742,7 +716,7 @@ def build_sandbox_image(
     one); ``mirror`` the Debian archive (default: the one apt uses here).
     """
     report: ProgressCallback = progress or (lambda message, fraction: None)
-    files = shipped_files(source_dir or package_root(), with_hub_client=with_hub_client)
+    files = shipped_files(source_dir or package_root())
     wanted = expected_hash(method, with_hub_client, source_dir)
     own_client = client is None
     client = client or _client()

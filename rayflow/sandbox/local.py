@@ -1,7 +1,7 @@
 """The ``local`` backend: sandboxes made of Linux namespaces with bubblewrap, no daemon.
 
 Each sandbox is one ``bwrap`` process tree running the in-sandbox runtime
-(``python -m rayflow.agent serve``), whose stdin/stdout carry the channel to the host.
+(``python -m rayflow.guest serve``), whose stdin/stdout carry the channel to the host.
 
 Isolation, and why each piece:
 
@@ -57,6 +57,7 @@ from rayflow.sandbox.spec import (
     SandboxStats,
 )
 from rayflow.sandbox.wrapper import CgroupJudgedSandbox, KillCounters
+from rayflow.wire.guest_commands import GUEST_PACKAGE
 
 #: Where the runtime's packages appear inside the sandbox.
 SANDBOX_LIB = "/opt/rayflow/lib"
@@ -88,7 +89,7 @@ ETC_FILES = (
 #: calling its ``main`` directly (``runpy`` and what it imports cost ~4 ms more).
 BOOTSTRAP = (
     f"import sys; sys.path.insert(0, {SANDBOX_LIB!r}); "
-    "from rayflow.agent.__main__ import main; sys.exit(main())"
+    f"from {GUEST_PACKAGE}.__main__ import main; sys.exit(main())"
 )
 HOSTNAME = "sandbox"
 
@@ -370,7 +371,7 @@ def bwrap_argv(
 
 
 def runtime_command(layout: HostLayout, plan: LimitsPlan) -> list[str]:
-    """``python -m rayflow.agent serve``, started without ``site`` and with the packages on the path."""
+    """``python -m rayflow.guest serve``, started without ``site`` and with the packages on the path."""
     argv = [layout.python, "-I", "-S", "-c", BOOTSTRAP, "serve"]
     if plan.exec_memory_bytes is not None:
         argv.append(f"--exec-memory-bytes={plan.exec_memory_bytes}")
@@ -622,7 +623,7 @@ def warm_bytecode(layout: HostLayout) -> None:
 
 
 def _default_channel_factory() -> ChannelFactory:
-    from rayflow.sandbox.channel import ChannelSandbox
+    from rayflow.sandbox.channel_sandbox import ChannelSandbox
 
     return ChannelSandbox
 

@@ -1,6 +1,6 @@
 """``ProcessBackend``: sandboxes that are plain host processes, with NO isolation.
 
-The native baseline: the runtime (``python -m rayflow.agent serve``) runs as an ordinary child of
+The native baseline: the runtime (``python -m rayflow.guest serve``) runs as an ordinary child of
 the caller, as the same user, with the host's filesystem and network. It exists to measure what
 isolation costs, and to run where no container engine or user namespaces exist; it must never
 hold untrusted code, so every ``create`` logs a warning saying so.
@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import rayflow
-from rayflow.agent.procfs import session_members, start_time
 from rayflow.errors import TransportError
-from rayflow.sandbox.channel import ChannelSandbox
+from rayflow.sandbox.channel_sandbox import ChannelSandbox
 from rayflow.sandbox.spec import OWNER_LABEL, SandboxSpec
+from rayflow.wire.guest_commands import GUEST_PACKAGE
+from rayflow.wire.procfs import session_members, start_time
 
 log = logging.getLogger("rayflow.sandbox.process")
 
@@ -99,7 +100,7 @@ class ProcessBackend:
             spec.owner,
         )
         workdir = tempfile.mkdtemp(prefix=f"rayflow-{sandbox_id}-")
-        command = [self.python, "-m", "rayflow.agent", "serve", "--workdir-alias", spec.workdir]
+        command = [self.python, "-m", GUEST_PACKAGE, "serve", "--workdir-alias", spec.workdir]
         if spec.limits.memory_bytes is not None:
             command += ["--exec-memory-bytes", str(spec.limits.memory_bytes)]
         try:

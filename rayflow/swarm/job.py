@@ -18,8 +18,8 @@ from typing import Any
 from rayflow.errors import ConfigError, InvalidInputError
 from rayflow.ids import new_id
 from rayflow.sandbox.spec import Limits
-from rayflow.swarm.globbing import glob_files
-from rayflow.swarm.model import Pattern, Subtask
+from rayflow.wire.globbing import glob_files
+from rayflow.wire.subtasks import Pattern, Subtask
 
 #: Job names are path segments of the hub namespace ``swarm/<job>``.
 JOB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -110,7 +110,7 @@ Decomposition = TaskList | FileGlob | FunctionDecomposition
 
 def resolve_function(target: str) -> Callable[..., Any]:
     """The callable named ``"package.module:function"`` (the runner's lookup; a bad name is a config error)."""
-    from rayflow.agent.runner import load_callable
+    from rayflow.wire.targets import load_callable
 
     try:
         return load_callable(target)

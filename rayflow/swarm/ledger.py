@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from rayflow.swarm.model import Subtask, SubtaskResult
+from rayflow.wire.subtasks import Subtask, SubtaskResult
 
 
 @dataclass

@@ -11,7 +11,7 @@ rollout (nothing is overwritten) and contrasting the winner with the others
 (:func:`contrast`) into one lesson for the shared memory.
 
 Sequential mode needs no change to dispatching at all: the job's agent is swapped for the
-in-sandbox refinement agent (:mod:`rayflow.agents.matts`) with the original agent as its
+in-sandbox refinement agent (:mod:`rayflow.guest.agents.matts_refine`) with the original agent as its
 ``inner``. :class:`MattsPlan` bundles both so a job runner wires MaTTS in a few lines.
 
 Pure: no Ray, no processes, no hub. Storing a lesson is a callback the caller provides.
@@ -30,25 +30,25 @@ from typing import Any, Protocol
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
 from rayflow.memory.judge import clip, parse_test_summary
 from rayflow.swarm.job import AgentRef, Job, Matts
-from rayflow.swarm.model import PhaseEvent, Subtask, SubtaskResult
+from rayflow.wire.subtasks import PhaseEvent, Subtask, SubtaskResult
 
 log = logging.getLogger("rayflow.swarm.matts")
 
 #: Separates a subtask's id from its rollout number: ``<subtask>~r<i>``.
 ROLLOUT_MARK = "~r"
 #: The in-sandbox refinement agent of sequential mode.
-REFINE_AGENT = "rayflow.agents.matts:refine"
+REFINE_AGENT = "rayflow.guest.agents.matts_refine:refine"
 #: Inner agents whose next refinement is better planned by a dedicated reviser than by feedback
 #: alone (the fixer ignores feedback, but re-ordering its strategies makes it explore).
 DEFAULT_REVISERS: Mapping[str, str] = {
-    "rayflow.agents.fixer:fix_module": "rayflow.agents.matts:untried_strategies_first",
+    "rayflow.guest.agents.fixer:fix_module": "rayflow.guest.agents.matts_refine:untried_strategies_first",
 }
 #: Task fields MaTTS sets on each rollout.
 ROLLOUT_FIELD = "rollout"
 ROLLOUTS_FIELD = "rollouts"
 CONTRAST_DOMAIN = "matts"
 CONTRAST_TAGS = ("matts", "contrast")
-#: Tag prefixes understood by the fixing agent's memory lookup (``rayflow.agents.fixer``).
+#: Tag prefixes understood by the fixing agent's memory lookup (``rayflow.guest.agents.fixer``).
 STRATEGY_TAG = "strategy:"
 SIGNATURE_TAG = "sig:"
 FAILED_STRATEGY_TAG = "failed:"

@@ -14,7 +14,7 @@ from typing import Any
 
 from rayflow.errors import RayflowError
 from rayflow.swarm.job import subtask_result_namespace
-from rayflow.swarm.model import Subtask, SubtaskResult
+from rayflow.wire.subtasks import Subtask, SubtaskResult
 
 log = logging.getLogger("rayflow.swarm.recovery")
 

@@ -20,10 +20,10 @@ from rich.table import Table
 from rich.text import Text
 
 from rayflow.errors import InvalidInputError
-from rayflow.swarm.model import Pattern, PhaseEvent, SubtaskResult
 from rayflow.swarm.results_log import ResultsLog
-from rayflow.swarm.synthesis import synthesize_report
 from rayflow.swarm.timeline import Timeline
+from rayflow.wire.subtasks import Pattern, PhaseEvent, SubtaskResult
+from rayflow.wire.synthesis import synthesize_report
 
 __all__ = ["JobResult", "RowSelection", "select_rows", "synthesize_report"]
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from rayflow.errors import InvalidInputError, StorageError
-from rayflow.swarm.counts import ResultCounts
-from rayflow.swarm.model import PhaseEvent, SubtaskResult
+from rayflow.wire.result_counts import ResultCounts
+from rayflow.wire.subtasks import PhaseEvent, SubtaskResult
 
 RESULT_KIND = "result"
 EVENT_KIND = "event"
@@ -38,7 +38,7 @@ META_KIND = "meta"
 class RunSummary(ResultCounts):
     """Counters over a run's results and events, updated one record at a time (no I/O).
 
-    The result totals are :class:`~rayflow.swarm.counts.ResultCounts`, the same the synthesis
+    The result totals are :class:`~rayflow.wire.result_counts.ResultCounts`, the same the synthesis
     report counts with; this adds who ran what, why subtasks failed and time per phase.
     """
 

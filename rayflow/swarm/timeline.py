@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rayflow.errors import ConfigError
-from rayflow.swarm.model import Phase, PhaseEvent
+from rayflow.wire.subtasks import Phase, PhaseEvent
 
 COORDINATOR = "coordinator"
 

@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
-from rayflow.agent.host import ready_line
-from rayflow.agent.host_client import HEADER, encode, launcher_argv, split_frames
-from rayflow.framing import frame
+from rayflow.guest.agent_host import ready_line
+from rayflow.guest.host_launcher import HEADER, encode, split_frames
 from rayflow.sandbox.process import ProcessBackend
 from rayflow.swarm.job import AgentRef, Job, TaskList
-from rayflow.swarm.model import Subtask
-from rayflow.swarm.worker import WorkerCore, WorkerPlan, host_launcher_argv
+from rayflow.swarm.worker_core import WorkerCore, WorkerPlan, host_launcher_argv
+from rayflow.wire.framing import frame
+from rayflow.wire.guest_commands import launcher_argv
+from rayflow.wire.subtasks import Subtask
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +138,7 @@ def host(workdir: Path) -> Iterator[RunningHost]:
     socket_path = ".rayflow/host.sock"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "rayflow.agent", "host", "--socket", socket_path, "--preload", "probe_agent"],
+        [sys.executable, "-m", "rayflow.guest", "host", "--socket", socket_path, "--preload", "probe_agent"],
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,
@@ -269,12 +270,12 @@ def test_a_malformed_request_gets_a_typed_error_and_the_host_goes_on(
 
 
 def test_the_host_reports_what_it_preloaded(host: RunningHost) -> None:
-    assert ping(host.socket_path)["preloaded"] == ["rayflow.agent.runner", "probe_agent"]
+    assert ping(host.socket_path)["preloaded"] == ["rayflow.guest.runner", "probe_agent"]
 
 
 def test_a_second_host_on_the_same_socket_leaves_the_first_serving(host: RunningHost) -> None:
     second = subprocess.run(
-        [sys.executable, "-m", "rayflow.agent", "host", "--socket", host.socket_path],
+        [sys.executable, "-m", "rayflow.guest", "host", "--socket", host.socket_path],
         cwd=host.workdir,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,

@@ -1,4 +1,4 @@
-"""The in-sandbox runtime over real pipes: ``python -m rayflow.agent serve`` driven by ``ChannelSandbox``."""
+"""The in-sandbox runtime over real pipes: ``python -m rayflow.guest serve`` driven by ``ChannelSandbox``."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from rayflow.agent.channel import FrameDecoder, encode_frame, parse_event, request
-from rayflow.agent.procfs import session_members
 from rayflow.errors import InvalidInputError, NotFoundError, TransportError
 from rayflow.sandbox.backend import Sandbox
-from rayflow.sandbox.channel import ChannelSandbox
+from rayflow.sandbox.channel_sandbox import ChannelSandbox
 from rayflow.sandbox.spec import KillReason, SandboxSpec
+from rayflow.wire.channel import FrameDecoder, encode_frame, parse_event, request
+from rayflow.wire.procfs import session_members
 from tests.process_support import GONE_WITHIN_S, wait_gone
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def start_runtime(workdir: Path) -> subprocess.Popen[bytes]:
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO_ROOT), "FROM_RUNTIME": "yes"}
     return subprocess.Popen(
-        [sys.executable, "-m", "rayflow.agent", "serve"],
+        [sys.executable, "-m", "rayflow.guest", "serve"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=workdir,
@@ -404,7 +404,7 @@ def test_sigterm_stops_the_runtime_and_its_commands(runtime: subprocess.Popen[by
 def _agent(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "rayflow.agent", *args],
+        [sys.executable, "-m", "rayflow.guest", *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -421,7 +421,7 @@ def test_the_runtime_reports_its_version(tmp_path: Path) -> None:
 
 def test_the_runtime_imports_nothing_heavy(tmp_path: Path) -> None:
     code = (
-        "import sys, rayflow.agent.server, rayflow.agent.runner, rayflow.agent.__main__\n"
+        "import sys, rayflow.guest.runtime, rayflow.guest.runner, rayflow.guest.__main__\n"
         "heavy = {'numpy', 'ray', 'aioquic', 'hnswlib', 'rich', 'typer', 'cryptography', 'apsw'}\n"
         "cores = [m for m in sys.modules if m.startswith(('rayflow.hub', 'rayflow.memory'))]\n"
         "print(sorted(heavy & set(sys.modules)) + sorted(cores))"

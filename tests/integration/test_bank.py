@@ -23,7 +23,7 @@ from rayflow.errors import (
 from rayflow.jobs.synthetic_tasks import lesson_texts, trajectory
 from rayflow.memory.bank import ReasoningBank
 from rayflow.memory.embedding import HashingEmbedder
-from rayflow.memory.models import Outcome, Step, Trajectory
+from rayflow.wire.memory_records import Outcome, Step, Trajectory
 
 pytestmark = pytest.mark.integration
 DAY = 86_400.0

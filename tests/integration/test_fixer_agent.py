@@ -1,6 +1,6 @@
 """The fixing agent through the real runner, against a real ReasoningBank hub over QUIC on 127.0.0.1.
 
-A generated codebase is fixed module by module with ``rayflow.agents.fixer:fix_module``: once with
+A generated codebase is fixed module by module with ``rayflow.guest.agents.fixer:fix_module``: once with
 memory off (the control), then twice with memory on against one hub, each pass on a fresh copy of
 the same broken codebase. The second pass must need fewer attempts than the control because the
 first one stored what worked.
@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from rayflow.agent.runner import run_spec
-from rayflow.agents.signature import parse_unittest_output, signature_of
+from rayflow.guest.agents.signature import parse_unittest_output, signature_of
+from rayflow.guest.runner import run_spec
 from rayflow.hub.background import BackgroundHub
-from rayflow.swarm.demo_codebase import DEFECTS, ModuleInfo, generate_codebase, write_module, write_package
+from rayflow.jobs.demo_codebase import DEFECTS, ModuleInfo, generate_codebase, write_module, write_package
 
 pytestmark = pytest.mark.integration
 
-AGENT = {"kind": "python", "target": "rayflow.agents.fixer:fix_module"}
+AGENT = {"kind": "python", "target": "rayflow.guest.agents.fixer:fix_module"}
 MODULES = 20
 
 

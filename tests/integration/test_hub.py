@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from rayflow.errors import AuthError, InvalidInputError, ItemNotFoundError, PermissionDeniedError
-from rayflow.hub.client import HubClient, SyncHubClient
 from rayflow.hub.server import HubServer
+from rayflow.wire.hub_client import HubClient, SyncHubClient
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from rayflow.errors import AuthError
-from rayflow.hub.client import SyncHubClient
+from rayflow.wire.hub_client import SyncHubClient
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ CLIENT = textwrap.dedent(
     """
     import json, sys
     from rayflow.errors import RayflowError
-    from rayflow.hub.client import SyncHubClient
+    from rayflow.wire.hub_client import SyncHubClient
     spec = json.loads(sys.stdin.read())
     out = {}
     with SyncHubClient(spec["host"], spec["port"], ca_pem=spec["ca_pem"].encode(), token=spec["token"]) as hub:
@@ -115,7 +115,7 @@ def test_tenants_are_isolated_and_revoked_tokens_refused(hub):
     revoke = textwrap.dedent(
         f"""
         import jwt
-        from rayflow.hub.client import SyncHubClient
+        from rayflow.wire.hub_client import SyncHubClient
         payload = jwt.decode({victim!r}, options={{"verify_signature": False}})
         with SyncHubClient({endpoint['host']!r}, {endpoint['port']}, ca_pem={endpoint['ca_pem']!r},
                            token={admin!r}) as hub:

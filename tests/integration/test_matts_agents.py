@@ -1,9 +1,9 @@
 """MaTTS with real agents: sequential refinement through the runner, parallel rollouts as real processes.
 
-A generated demo codebase is fixed with memory off. Sequential: ``rayflow.agents.matts:refine``
+A generated demo codebase is fixed with memory off. Sequential: ``rayflow.guest.agents.matts_refine:refine``
 runs the fixer (or a small agent written here) several times in one work directory through
-:func:`rayflow.agent.runner.run_spec`. Parallel: three rollouts of the fixer on one module run as
-three ``python -m rayflow.agent run`` processes at once, each in its own copy of the codebase (as
+:func:`rayflow.guest.runner.run_spec`. Parallel: three rollouts of the fixer on one module run as
+three ``python -m rayflow.guest run`` processes at once, each in its own copy of the codebase (as
 each would have its own sandbox), and their results are grouped, judged and logged by the same
 sink a job runner uses.
 """
@@ -20,25 +20,25 @@ from typing import Any
 
 import pytest
 
-from rayflow.agent.runner import run_spec
-from rayflow.agents.repairs import DEFAULT_ORDER
-from rayflow.swarm.demo_codebase import ModuleInfo, generate_codebase
+from rayflow.guest.agents.repairs import DEFAULT_ORDER
+from rayflow.guest.runner import run_spec
+from rayflow.jobs.demo_codebase import ModuleInfo, generate_codebase
 from rayflow.swarm.job import AgentRef, Job, Matts, TaskList
 from rayflow.swarm.matts import MattsPlan, RolloutSink
-from rayflow.swarm.model import Subtask, SubtaskResult
 from rayflow.swarm.results_log import ResultsLog
-from rayflow.swarm.worker import parse_runner_output
+from rayflow.swarm.worker_core import parse_runner_output
+from rayflow.wire.subtasks import Subtask, SubtaskResult
 
 pytestmark = pytest.mark.integration
 
-FIXER = "rayflow.agents.fixer:fix_module"
-REFINE = {"kind": "python", "target": "rayflow.agents.matts:refine"}
-REVISE = "rayflow.agents.matts:untried_strategies_first"
+FIXER = "rayflow.guest.agents.fixer:fix_module"
+REFINE = {"kind": "python", "target": "rayflow.guest.agents.matts_refine:refine"}
+REVISE = "rayflow.guest.agents.matts_refine:untried_strategies_first"
 HUB_ENV = ("RAYFLOW_HUB_HOST", "RAYFLOW_HUB_PORT", "RAYFLOW_HUB_CA", "RAYFLOW_HUB_TOKEN")
 #: Starts the runner only once stdin closes, so a test can hold several processes at the gate.
 GATED_RUNNER = (
-    "import runpy, sys; sys.stdin.read(); spec = sys.argv[1]; sys.argv = ['rayflow.agent', 'run', spec]; "
-    "runpy.run_module('rayflow.agent', run_name='__main__', alter_sys=True)"
+    "import runpy, sys; sys.stdin.read(); spec = sys.argv[1]; sys.argv = ['rayflow.guest', 'run', spec]; "
+    "runpy.run_module('rayflow.guest', run_name='__main__', alter_sys=True)"
 )
 
 
@@ -85,7 +85,7 @@ def fixer_refine_task(module: ModuleInfo, r: int, **extra: Any) -> dict[str, Any
 
 
 def refine(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """The runner's result of ``rayflow.agents.matts:refine`` on ``task`` in ``workdir``."""
+    """The runner's result of ``rayflow.guest.agents.matts_refine:refine`` on ``task`` in ``workdir``."""
     return run_spec({"agent": REFINE, "task": task, "workdir": str(workdir)})
 
 

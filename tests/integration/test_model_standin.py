@@ -10,7 +10,7 @@ import urllib.request
 import anthropic
 import pytest
 
-from rayflow.agents.model_call import call_model
+from rayflow.guest.agents.model_call import call_model
 from rayflow.testing.model_standin import ModelStandin
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import pytest
 
 from rayflow.errors import TransportError
 from rayflow.sandbox.backend import SandboxBackend
-from rayflow.sandbox.channel import ChannelSandbox
+from rayflow.sandbox.channel_sandbox import ChannelSandbox
 from rayflow.sandbox.process import ProcessBackend
 from rayflow.sandbox.spec import MIB, OWNER_LABEL, Limits, SandboxSpec
 from tests.process_support import wait_gone

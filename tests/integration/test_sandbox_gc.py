@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from rayflow.agent.procfs import start_time
 from rayflow.errors import ConfigError
 from rayflow.sandbox.backend import SandboxBackend
 from rayflow.sandbox.gc import (
@@ -29,6 +28,7 @@ from rayflow.sandbox.gc import (
     reap_on_startup,
 )
 from rayflow.sandbox.spec import MIB, Limits, SandboxSpec
+from rayflow.wire.procfs import start_time
 
 pytestmark = pytest.mark.integration
 

@@ -61,7 +61,7 @@ def test_runtime_and_msgpack_import_as_the_unprivileged_user(
         docker_client,
         sandbox_image,
         run_id,
-        ["python3", "-c", "import os, rayflow.agent, msgpack; print(os.getuid())"],
+        ["python3", "-c", "import os, rayflow.guest, msgpack; print(os.getuid())"],
     )
 
     assert output == str(AGENT_UID)
@@ -90,7 +90,7 @@ def test_image_ships_only_the_runtime_and_hub_client_parts_of_rayflow(
 
     output = _run(docker_client, sandbox_image, run_id, ["python3", "-c", script])
 
-    assert output.split() == [name for name, _ in shipped_files(package_root(), with_hub_client=True)]
+    assert output.split() == [name for name, _ in shipped_files(package_root())]
     assert "memory/bank.py" not in output.split() and "hub/service.py" not in output.split()
 
 
@@ -105,7 +105,7 @@ def test_hub_client_imports_offline_without_heavy_packages(
     docker_client: Any, sandbox_image: ImageInfo, run_id: str
 ) -> None:
     script = (
-        "import sys, rayflow.hub.client; "
+        "import sys, rayflow.wire.hub_client; "
         "print([m for m in ('numpy', 'hnswlib', 'apsw', 'ray', 'jwt') if m in sys.modules])"
     )
 
@@ -123,7 +123,7 @@ def test_image_carries_no_numpy(docker_client: Any, sandbox_image: ImageInfo, ru
 def test_default_command_serves_the_runtime(docker_client: Any, sandbox_image: ImageInfo) -> None:
     config = docker_client.images.get(sandbox_image.id).attrs["Config"]
 
-    assert config["Cmd"] == ["python3", "-m", "rayflow.agent", "serve"]
+    assert config["Cmd"] == ["python3", "-m", "rayflow.guest", "serve"]
     assert config["User"] == "agent"
 
 

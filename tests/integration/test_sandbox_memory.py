@@ -2,7 +2,7 @@
 
 A real hub runs in this process on 127.0.0.1; each test creates a sandbox (a plain process, or a
 Docker container whose ``hub-only`` network reaches the hub through its bridge's gateway), uploads
-a tiny python agent and runs it with ``python -m rayflow.agent run``. What the agent stored is
+a tiny python agent and runs it with ``python -m rayflow.guest run``. What the agent stored is
 read back from the hub's bank on the host, and what the host stored is what the agent finds.
 """
 
@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 import pytest
 
 from rayflow.hub.background import BackgroundHub
-from rayflow.hub.client import SyncHubClient
-from rayflow.memory.models import MemoryItem
 from rayflow.sandbox.backend import Sandbox, SandboxBackend
 from rayflow.sandbox.spec import MIB, Limits, NetworkPolicy, SandboxSpec
+from rayflow.wire.hub_client import SyncHubClient
+from rayflow.wire.memory_records import MemoryItem
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -148,7 +148,7 @@ def run_agent(backend: Backend, sandbox: Sandbox, task: dict[str, Any]) -> tuple
     sandbox.write_file(f"{WORKDIR}/spec.json", json.dumps(spec).encode())
     # `python -m` puts the working directory on sys.path, so the uploaded module imports.
     result = sandbox.exec(
-        [backend.python, "-m", "rayflow.agent", "run", "spec.json"], cwd=WORKDIR, timeout_s=120
+        [backend.python, "-m", "rayflow.guest", "run", "spec.json"], cwd=WORKDIR, timeout_s=120
     )
     assert result.killed is None, result.stderr.decode(errors="replace")
     return result.exit_code, json.loads(result.stdout)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from rayflow.jobs.demo_codebase import decompose_codebase, generate_codebase
 from rayflow.sandbox.spec import OWNER_LABEL, Limits
-from rayflow.swarm.demo_codebase import decompose_codebase, generate_codebase
 from rayflow.swarm.job import AgentRef, Job, TaskList
 from tests.swarm_support import run_in_background, started_worker
 
@@ -47,7 +47,7 @@ def codebase(tmp_path_factory) -> Path:
 def fixing_job(codebase: Path, *, workers: int = 3) -> Job:
     tasks = [{**task, "memory": True, "namespace": LESSONS} for task in decompose_codebase(codebase)]
     return Job(
-        AgentRef.python("rayflow.agents.fixer:fix_module", timeout_s=300),
+        AgentRef.python("rayflow.guest.agents.fixer:fix_module", timeout_s=300),
         TaskList(tasks),
         upload=str(codebase),
         memory_namespaces=(f"{LESSONS}/*",),

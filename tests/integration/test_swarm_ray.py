@@ -40,7 +40,7 @@ def test_job_runs_every_subtask_once_across_both_nodes(swarm, ray_cluster):
 
 
 def test_results_are_recorded_in_the_hub_namespace_of_the_job(swarm):
-    from rayflow.hub.client import SyncHubClient
+    from rayflow.wire.hub_client import SyncHubClient
 
     job = Job(AgentRef.shell(WORK), TaskList([{"n": i} for i in range(3)]), backend="process", workers=2,
               limits=Limits(cpus=0.5))

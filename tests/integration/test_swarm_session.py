@@ -1,4 +1,4 @@
-"""A whole job without Ray: JobRunner over thread workers, process sandboxes and a real hub.
+"""A whole job without Ray: CoordinatorCore over thread workers, process sandboxes and a real hub.
 
 The Ray shells only move these calls between processes; what a job promises (patterns A and B,
 results recorded in the hub, a lost answer recovered from the hub instead of rerun) is decided
@@ -15,13 +15,13 @@ import pytest
 
 from rayflow.errors import WorkerLostError
 from rayflow.hub.background import BackgroundHub
-from rayflow.hub.client import SyncHubClient
 from rayflow.sandbox.process import ProcessBackend
-from rayflow.swarm.coordinator import ThreadFleet, ThreadWorker
+from rayflow.swarm.coordinator_core import CoordinatorCore, HubSession
+from rayflow.swarm.dispatch_loop import ThreadFleet, ThreadWorker
 from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
-from rayflow.swarm.model import Subtask
-from rayflow.swarm.session import HubSession, JobRunner
-from rayflow.swarm.worker import HubAccess, WorkerCore, WorkerPlan
+from rayflow.swarm.worker_core import HubAccess, WorkerCore, WorkerPlan
+from rayflow.wire.hub_client import SyncHubClient
+from rayflow.wire.subtasks import Subtask
 
 pytestmark = pytest.mark.integration
 
@@ -61,15 +61,15 @@ def read_namespace(hub: BackgroundHub, namespace: str, query: str) -> list[dict]
 
 
 def test_a_python_agent_in_bubblewrap_sandboxes_reaches_the_hub_from_its_network_namespace(hub, session, tmp_path):
+    from rayflow.jobs.demo_codebase import decompose_codebase, generate_codebase
     from rayflow.sandbox.local import LocalBackend
-    from rayflow.swarm.demo_codebase import decompose_codebase, generate_codebase
 
     generate_codebase(tmp_path / "code", 2, seed=1)
     tasks = [{**task, "memory": True, "namespace": "lessons/local"} for task in decompose_codebase(tmp_path / "code")]
-    job = Job(AgentRef.python("rayflow.agents.fixer:fix_module"), TaskList(tasks), name="loc", tenant="acme",
+    job = Job(AgentRef.python("rayflow.guest.agents.fixer:fix_module"), TaskList(tasks), name="loc", tenant="acme",
               backend="local", workers=2, upload=str(tmp_path / "code"), memory_namespaces=("lessons/local/*",))
     backend = LocalBackend()
-    outcome = JobRunner(job, thread_fleet(session, backend), tmp_path / "out", hub=session).run()
+    outcome = CoordinatorCore(job, thread_fleet(session, backend), tmp_path / "out", hub=session).run()
     assert outcome.summary["ok"] == 2, outcome.report
     assert read_namespace(hub, "lessons/local", "fix")
     assert backend.owned() == []
@@ -78,7 +78,7 @@ def test_a_python_agent_in_bubblewrap_sandboxes_reaches_the_hub_from_its_network
 def test_pattern_a_runs_every_subtask_and_stores_results_and_report_in_the_hub(hub, session, tmp_path):
     job = Job(AgentRef.shell("cat"), TaskList([{"n": i} for i in range(5)]), name="pa", tenant="acme",
               backend="process", workers=2)
-    outcome = JobRunner(job, thread_fleet(session, ProcessBackend()), tmp_path, hub=session).run()
+    outcome = CoordinatorCore(job, thread_fleet(session, ProcessBackend()), tmp_path, hub=session).run()
     assert outcome.summary["subtasks"] == 5 and outcome.summary["ok"] == 5
     assert "Passed       5" in outcome.report
     titles = {item["title"] for item in read_namespace(hub, "swarm/pa", "result report")}
@@ -94,7 +94,7 @@ def test_pattern_b_decomposes_and_synthesizes_inside_a_sandbox(hub, session, tmp
     job = Job(AgentRef.shell("cat"), FileGlob(str(repo), "*.py"), name="pb", tenant="acme",
               backend="process", workers=2, pattern="B")
     backend = ProcessBackend()
-    outcome = JobRunner(job, thread_fleet(session, backend), tmp_path / "out", hub=session,
+    outcome = CoordinatorCore(job, thread_fleet(session, backend), tmp_path / "out", hub=session,
                         create_step_sandbox=backend.create).run()
     assert outcome.summary["subtasks"] == 2 and outcome.summary["ok"] == 2
     assert outcome.summary["phase_spans"]["decompose"] == 1
@@ -129,7 +129,7 @@ def test_an_answer_lost_after_recording_is_recovered_from_the_hub_not_rerun(hub,
         return LosingFleet(lambda worker_id: WorkerCore(worker_id, plan, backend.create, hub=session.access,
                                                           mint_token=session.mint), 1)
 
-    outcome = JobRunner(job, make, tmp_path / "out", hub=session).run()
+    outcome = CoordinatorCore(job, make, tmp_path / "out", hub=session).run()
     assert outcome.summary["subtasks"] == 1 and outcome.summary["ok"] == 1
     assert outcome.stats.recovered_from_hub == 1 and outcome.stats.worker_failures == 1
     assert len(Path(runs).read_text().splitlines()) == 1
@@ -143,7 +143,7 @@ def _map(future: cf.Future, convert) -> cf.Future:
 
 
 def fixing_tasks(root: Path, namespace: str) -> list[dict]:
-    from rayflow.swarm.demo_codebase import decompose_codebase, generate_codebase
+    from rayflow.jobs.demo_codebase import decompose_codebase, generate_codebase
 
     generate_codebase(root, 3, seed=5)
     return [{**task, "memory": True, "namespace": namespace} for task in decompose_codebase(root)]
@@ -154,10 +154,10 @@ def test_parallel_matts_keeps_every_rollout_and_stores_a_contrast_lesson(hub, se
     from rayflow.swarm.results_log import ResultsLog
 
     tasks = fixing_tasks(tmp_path / "code", "lessons/mp")
-    job = Job(AgentRef.python("rayflow.agents.fixer:fix_module"), TaskList(tasks), name="mp", tenant="acme",
+    job = Job(AgentRef.python("rayflow.guest.agents.fixer:fix_module"), TaskList(tasks), name="mp", tenant="acme",
               backend="process", workers=2, upload=str(tmp_path / "code"), memory_namespaces=("lessons/mp/*",),
               matts=Matts("parallel", k=2))
-    runner = JobRunner(job, thread_fleet(session, ProcessBackend()), tmp_path / "out", hub=session)
+    runner = CoordinatorCore(job, thread_fleet(session, ProcessBackend()), tmp_path / "out", hub=session)
     outcome = runner.run()
     assert outcome.summary["subtasks"] == 3 and outcome.summary["ok"] == 3
     results = list(ResultsLog(outcome.results_path, readonly=True))
@@ -171,10 +171,10 @@ def test_sequential_matts_refines_inside_one_sandbox_until_success(hub, session,
     from rayflow.swarm.job import Matts
 
     tasks = [{**task, "max_attempts": 4} for task in fixing_tasks(tmp_path / "code", "lessons/ms")]
-    job = Job(AgentRef.python("rayflow.agents.fixer:fix_module"), TaskList(tasks), name="ms", tenant="acme",
+    job = Job(AgentRef.python("rayflow.guest.agents.fixer:fix_module"), TaskList(tasks), name="ms", tenant="acme",
               backend="process", workers=2, upload=str(tmp_path / "code"), memory_namespaces=("lessons/ms/*",),
               matts=Matts("sequential", r=10))
-    outcome = JobRunner(job, thread_fleet(session, ProcessBackend()), tmp_path / "out", hub=session).run()
+    outcome = CoordinatorCore(job, thread_fleet(session, ProcessBackend()), tmp_path / "out", hub=session).run()
     assert outcome.summary["ok"] == 3
     from rayflow.swarm.results_log import ResultsLog
 

@@ -12,8 +12,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from rayflow.agent import archive
-from rayflow.agent.channel import (
+from rayflow.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
+from rayflow.guest.runtime import exit_code_of, kill_reason, resolve_path
+from rayflow.sandbox.spec import KillReason
+from rayflow.wire import archive
+from rayflow.wire.channel import (
     KILL_REASONS,
     UNKNOWN_ID,
     ExecRequest,
@@ -32,9 +35,6 @@ from rayflow.agent.channel import (
     request_id_of,
     result_event,
 )
-from rayflow.agent.server import exit_code_of, kill_reason, resolve_path
-from rayflow.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
-from rayflow.sandbox.spec import KillReason
 
 MESSAGES = [
     exec_request(

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rayflow.agent import host_client
-from rayflow.agent.host import (
-    DEFAULT_SOCKET,
+from rayflow.errors import InvalidInputError, OverloadedError
+from rayflow.guest import host_launcher
+from rayflow.guest.agent_host import (
     HUB_CLIENT_MODULE,
     RUNNER_MODULE,
     PingRequest,
@@ -21,10 +21,10 @@ from rayflow.agent.host import (
     parse_request,
     spec_timeout,
 )
-from rayflow.errors import InvalidInputError, OverloadedError
-from rayflow.framing import FrameSplitter
 from rayflow.swarm.job import AgentRef
-from rayflow.swarm.worker import agent_host_argv, agent_launcher_argv, host_launcher_argv
+from rayflow.swarm.worker_core import agent_host_argv, agent_launcher_argv, host_launcher_argv
+from rayflow.wire.framing import FrameSplitter
+from rayflow.wire.guest_commands import AGENT_HOST_SOCKET, runtime_argv
 
 IDENTITY = {"python": "/usr/bin/python3", "path": ["/opt/site"]}
 
@@ -114,23 +114,23 @@ def test_parse_preload_splits_on_commas_and_drops_blanks() -> None:
 # --- the launcher's frames -----------------------------------------------------------------------
 def test_the_launchers_frames_are_the_framing_modules_frames() -> None:
     message = {"kind": "run", "env": {"TOKEN": "x" * 70_000}}
-    (body,) = FrameSplitter(1 << 20).feed(host_client.encode(message))
+    (body,) = FrameSplitter(1 << 20).feed(host_launcher.encode(message))
     assert json.loads(body) == message
 
 
 def test_the_launcher_reads_the_hosts_replies_in_order_and_keeps_a_partial_one() -> None:
     data = encode_reply("result", result={"ok": True}) + encode_reply("exit", exit_code=0)
     buffer = bytearray(data[:-3])
-    assert host_client.split_frames(buffer) == [{"kind": "result", "result": {"ok": True}}]
+    assert host_launcher.split_frames(buffer) == [{"kind": "result", "result": {"ok": True}}]
     buffer += data[-3:]
-    assert host_client.split_frames(buffer) == [{"kind": "exit", "exit_code": 0}]
+    assert host_launcher.split_frames(buffer) == [{"kind": "exit", "exit_code": 0}]
     assert buffer == bytearray()
 
 
 def test_the_launcher_refuses_an_oversized_reply_from_its_header() -> None:
-    buffer = bytearray(host_client.HEADER.pack(host_client.MAX_REPLY_BYTES + 1))
+    buffer = bytearray(host_launcher.HEADER.pack(host_launcher.MAX_REPLY_BYTES + 1))
     with pytest.raises(ValueError):
-        host_client.split_frames(buffer)
+        host_launcher.split_frames(buffer)
 
 
 # --- the launcher's conclusions ------------------------------------------------------------------
@@ -145,70 +145,70 @@ def exit_reply(
 
 
 def test_a_successful_result_is_printed_and_exits_zero() -> None:
-    outcome = host_client.conclude([result(True), exit_reply(0)])
+    outcome = host_launcher.conclude([result(True), exit_reply(0)])
     assert json.loads(outcome.stdout or "") == {"ok": True, "value": 1}
     assert (outcome.exit_code, outcome.signal, outcome.fall_back) == (0, None, None)
 
 
 def test_a_failed_result_is_printed_and_exits_one() -> None:
-    outcome = host_client.conclude([result(False), exit_reply(1)])
+    outcome = host_launcher.conclude([result(False), exit_reply(1)])
     assert outcome.stdout is not None and outcome.exit_code == 1
 
 
 def test_a_result_counts_even_when_the_host_did_not_report_the_exit() -> None:
-    assert host_client.conclude([result(True)]).exit_code == 0
+    assert host_launcher.conclude([result(True)]).exit_code == 0
 
 
 def test_a_child_killed_for_its_timeout_gives_a_deadline_result() -> None:
-    outcome = host_client.conclude([exit_reply(None, 9, "timeout")])
+    outcome = host_launcher.conclude([exit_reply(None, 9, "timeout")])
     assert json.loads(outcome.stdout or "")["error"]["code"] == "deadline_exceeded"
     assert outcome.exit_code == 1
 
 
 def test_a_child_killed_by_a_signal_makes_the_launcher_die_by_it() -> None:
-    outcome = host_client.conclude([exit_reply(None, 9)])
+    outcome = host_launcher.conclude([exit_reply(None, 9)])
     assert (outcome.stdout, outcome.signal, outcome.exit_code) == (None, 9, 137)
 
 
 def test_a_child_that_crashed_without_a_result_passes_on_its_exit_code() -> None:
-    outcome = host_client.conclude([exit_reply(3)])
+    outcome = host_launcher.conclude([exit_reply(3)])
     assert (outcome.stdout, outcome.exit_code) == (None, 3)
     assert outcome.note
 
 
 def test_a_connection_closed_without_anything_is_a_failure_with_a_note() -> None:
-    outcome = host_client.conclude([])
-    assert outcome.stdout is None and outcome.exit_code == host_client.EXIT_NO_RESULT and outcome.note
+    outcome = host_launcher.conclude([])
+    assert outcome.stdout is None and outcome.exit_code == host_launcher.EXIT_NO_RESULT and outcome.note
 
 
 def test_a_refused_request_falls_back_to_running_without_the_host() -> None:
-    outcome = host_client.conclude([{"kind": "error", "error": {"code": "overloaded", "message": "busy"}}])
+    outcome = host_launcher.conclude([{"kind": "error", "error": {"code": "overloaded", "message": "busy"}}])
     assert outcome.fall_back is not None and "busy" in outcome.fall_back
 
 
 # --- argv ------------------------------------------------------------------------------------------
-def test_the_launcher_runs_isolated_and_appends_the_runtimes_agent_directories() -> None:
+def test_the_launcher_runs_isolated_and_appends_the_runtimes_guest_and_wire_directories() -> None:
     argv = host_launcher_argv(IDENTITY, "run", "spec.json")
     assert argv[:4] == ["/usr/bin/python3", "-I", "-S", "-c"]
-    assert "sys.path += [p + '/rayflow/agent' for p in P]" in argv[4]
-    assert argv[5:] == [DEFAULT_SOCKET, "run", "spec.json"]
+    assert "sys.path += [p + '/' + d for p in P for d in ('rayflow/guest', 'rayflow/wire')]" in argv[4]
+    assert argv[5:] == [AGENT_HOST_SOCKET, "run", "spec.json"]
 
 
 def test_the_fallback_argv_is_the_runners_own() -> None:
-    assert host_client.runtime_argv("/usr/bin/python3", ["/opt/site"], "run", "s") == agent_launcher_argv(
+    assert runtime_argv("/usr/bin/python3", ["/opt/site"], "run", "s") == agent_launcher_argv(
         IDENTITY, "run", "s"
     )
 
 
 def test_the_host_preloads_a_python_agent_of_the_runtime() -> None:
-    argv = agent_host_argv(IDENTITY, AgentRef.python("rayflow.agents.model_call:answer"))
+    argv = agent_host_argv(IDENTITY, AgentRef.python("rayflow.guest.agents.model_call:answer"))
     assert argv[5:] == [
         "host",
         "--socket",
-        DEFAULT_SOCKET,
+        AGENT_HOST_SOCKET,
         "--detach",
         "--preload",
-        "rayflow.agents.model_call",
+        "rayflow.guest.agents.model_call",
     ]
 
 

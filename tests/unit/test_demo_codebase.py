@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rayflow.agents.repairs import STRATEGIES, build_scope, candidates
-from rayflow.agents.signature import parse_unittest_output, signature_of
 from rayflow.errors import InvalidInputError
-from rayflow.swarm.demo_codebase import (
+from rayflow.guest.agents.repairs import STRATEGIES, build_scope, candidates
+from rayflow.guest.agents.signature import parse_unittest_output, signature_of
+from rayflow.jobs.demo_codebase import (
     DEFECTS,
     FAMILIES,
     HELPERS,

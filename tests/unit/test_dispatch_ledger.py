@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rayflow.swarm.ledger import DispatchLedger
-from rayflow.swarm.model import Subtask, SubtaskResult
+from rayflow.wire.subtasks import Subtask, SubtaskResult
 
 
 def subtasks(n: int) -> list[Subtask]:

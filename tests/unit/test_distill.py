@@ -17,7 +17,7 @@ from rayflow.memory.distill import (
     distill,
     extract_error_lines,
 )
-from rayflow.memory.models import Lesson, Outcome, Step, Trajectory, Verdict
+from rayflow.wire.memory_records import Lesson, Outcome, Step, Trajectory, Verdict
 
 GITHUB_TOKEN = "gh" + "p_" + "Zq9Xw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0FeDcBa"
 TRACEBACK = """\

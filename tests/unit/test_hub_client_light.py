@@ -13,22 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rayflow.agent.runner import hub_settings
 from rayflow.auth.claims import ALL_SCOPES, Scope
 from rayflow.errors import ConfigError
-from rayflow.hub import ops
-from rayflow.hub.client import _as_bytes
+from rayflow.guest.runner import hub_settings
 from rayflow.sandbox.image import (
-    HUB_CLIENT_FILES,
     HUB_CLIENT_REQUIREMENTS,
-    HUB_CLIENT_TREES,
-    RUNTIME_FILES,
-    RUNTIME_TREES,
+    SHIPPED_FILES,
+    SHIPPED_TREES,
     expected_hash,
     hub_client_distributions,
     package_root,
     shipped_files,
 )
+from rayflow.wire import hub_ops as ops
+from rayflow.wire.hub_client import _as_bytes
 
 HEAVY = ("numpy", "hnswlib", "apsw", "ray", "jwt")
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: Imports the client in a fresh interpreter and prints what got loaded.
 PROBE = f"""
 import json, sys
-import rayflow.hub.client
+import rayflow.wire.hub_client
 print(json.dumps({{
     "heavy": [m for m in {HEAVY!r} if m in sys.modules],
     "rayflow": sorted(m for m in sys.modules if m == "rayflow" or m.startswith("rayflow.")),
@@ -56,7 +54,7 @@ def test_importing_the_client_loads_no_heavy_package() -> None:
 
 
 def test_the_image_ships_every_rayflow_module_the_client_loads() -> None:
-    shipped = {name for name, _ in shipped_files(package_root(), with_hub_client=True)}
+    shipped = {name for name, _ in shipped_files(package_root())}
     loaded = _probe()["rayflow"]
 
     missing = []
@@ -70,13 +68,25 @@ def test_the_image_ships_every_rayflow_module_the_client_loads() -> None:
     assert missing == []
 
 
-def test_an_image_without_the_client_ships_only_the_runtime() -> None:
-    names = {name for name, _ in shipped_files(package_root(), with_hub_client=False)}
+def test_the_image_ships_the_guest_and_wire_folders_and_nothing_else_of_rayflow() -> None:
+    names = {name for name, _ in shipped_files(package_root())}
 
-    in_trees = {name for name in names if name.split("/")[0] in RUNTIME_TREES}
-    assert names - in_trees == set(RUNTIME_FILES)
-    assert {name.split("/")[0] for name in in_trees} == set(RUNTIME_TREES)
-    assert not any(name.startswith(("hub/", "rpc/", "memory/")) for name in names)
+    in_trees = {name for name in names if name.split("/")[0] in SHIPPED_TREES}
+    assert names - in_trees == set(SHIPPED_FILES)
+    assert {name.split("/")[0] for name in in_trees} == {"guest", "wire"}
+    assert not any(name.startswith(("hub/", "rpc/", "memory/", "swarm/", "sandbox/")) for name in names)
+
+
+def test_a_new_guest_module_is_shipped_without_touching_any_list(tmp_path: Path) -> None:
+    for name in ("__init__.py", "errors.py", "guest/__init__.py", "guest/agents/new_agent.py", "wire/x.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "bank.py").write_text("")
+
+    names = [name for name, _ in shipped_files(tmp_path)]
+
+    assert names == ["__init__.py", "errors.py", "guest/__init__.py", "guest/agents/new_agent.py", "wire/x.py"]
 
 
 def test_the_image_hash_tells_builds_with_and_without_the_client_apart() -> None:
@@ -95,12 +105,10 @@ def test_the_copied_packages_are_aioquic_and_its_dependencies_only() -> None:
 
 def test_dockerfile_ships_the_same_rayflow_files_as_the_image_builder() -> None:
     text = (REPO / "docker" / "Dockerfile").read_text()
-    runtime = re.search(r'keep="([^"$]+)"', text)
-    client = re.search(r'keep="\$keep ([^"]+)"', text)
+    keep = re.search(r'keep="([^"$]+)"', text)
 
-    assert runtime is not None and client is not None
-    assert runtime[1].split() == [*RUNTIME_FILES, *RUNTIME_TREES]
-    assert client[1].split() == [*HUB_CLIENT_FILES, *HUB_CLIENT_TREES]
+    assert keep is not None
+    assert keep[1].split() == [*SHIPPED_FILES, *SHIPPED_TREES]
 
 
 def test_op_scopes_are_the_token_scopes() -> None:

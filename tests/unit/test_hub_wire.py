@@ -3,8 +3,8 @@ import random
 import pytest
 
 from rayflow.errors import InvalidInputError
-from rayflow.hub.wire import trajectory_from_wire, trajectory_to_wire
 from rayflow.jobs.synthetic_tasks import trajectory
+from rayflow.wire.hub_records import trajectory_from_wire, trajectory_to_wire
 
 
 def test_trajectory_round_trips_through_the_wire_form():

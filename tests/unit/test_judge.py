@@ -14,7 +14,7 @@ from rayflow.memory.judge import (
     parse_test_summary,
     render_trajectory,
 )
-from rayflow.memory.models import Outcome, Step, Trajectory
+from rayflow.wire.memory_records import Outcome, Step, Trajectory
 
 PYTEST_FAILED = """\
 ============================= test session starts ==============================

@@ -168,7 +168,7 @@ def test_argv_starts_the_runtime_site_free_with_the_packages_on_the_path() -> No
     argv = argv_for(SandboxSpec(owner="w"))
     python = argv.index("/opt/py/bin/python3.11")
     assert argv[python + 1 : python + 4] == ["-I", "-S", "-c"]
-    assert SANDBOX_LIB in argv[python + 4] and "rayflow.agent" in argv[python + 4]
+    assert SANDBOX_LIB in argv[python + 4] and "rayflow.guest" in argv[python + 4]
     assert argv[python + 5] == "serve"
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from rayflow.agents.matts import attempt_succeeded, failed_strategies, untried_strategies_first
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
-from rayflow.swarm.coordinator import Coordinator
+from rayflow.guest.agents.matts_refine import attempt_succeeded, failed_strategies, untried_strategies_first
+from rayflow.swarm.dispatch_loop import DispatchLoop
 from rayflow.swarm.job import AgentRef, Job, Matts, TaskList
 from rayflow.swarm.matts import (
     REFINE_AGENT,
@@ -27,9 +27,9 @@ from rayflow.swarm.matts import (
     rollout_index,
     split_rollout_id,
 )
-from rayflow.swarm.model import Phase, PhaseEvent, Subtask, SubtaskResult
+from rayflow.wire.subtasks import Phase, PhaseEvent, Subtask, SubtaskResult
 
-FIXER = "rayflow.agents.fixer:fix_module"
+FIXER = "rayflow.guest.agents.fixer:fix_module"
 
 
 def subtasks(n: int, **task: Any) -> list[Subtask]:
@@ -396,7 +396,7 @@ def test_a_sequential_plan_swaps_the_agent_and_names_the_original_as_inner():
     assert plan.agent.target == REFINE_AGENT and plan.agent.timeout_s == 240
     task = next(plan.transform(subtasks(1))).task
     assert task["inner"] == FIXER and task["r"] == 4
-    assert task["revise"] == "rayflow.agents.matts:untried_strategies_first"
+    assert task["revise"] == "rayflow.guest.agents.matts_refine:untried_strategies_first"
     assert task["module"] == "app/mod_000.py"
 
 
@@ -491,7 +491,7 @@ def test_rollouts_of_one_subtask_run_at_once_on_different_workers_through_the_co
     main, rollouts = ListSink(), ListSink()
     sink = plan.wrap_sink(main, rollouts)
     # Each run waits for two others: a subtask's three rollouts can only finish by running together.
-    stats = Coordinator(BarrierFleet(3), sink, workers=3).run(plan.transform(subtasks(4), sink))
+    stats = DispatchLoop(BarrierFleet(3), sink, workers=3).run(plan.transform(subtasks(4), sink))
     assert stats.done == 12
     assert [r.subtask_id for r in main.results] == [f"job-{i:05d}" for i in range(4)]
     for grouped in main.results:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rayflow.errors import InvalidInputError
-from rayflow.swarm.model import Phase, PhaseEvent, SubtaskResult
 from rayflow.swarm.results_log import ResultsLog, RunSummary
+from rayflow.wire.subtasks import Phase, PhaseEvent, SubtaskResult
 from tests.swarm_records import T0, subtask_result
 
 

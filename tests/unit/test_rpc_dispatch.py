@@ -15,7 +15,7 @@ from rayflow.errors import (
     UnknownOperationError,
 )
 from rayflow.rpc.dispatch import Arg, CallContext, Dispatcher, optional
-from rayflow.rpc.frames import Request, decode_response
+from rayflow.wire.rpc_frames import Request, decode_response
 
 
 def _request(op: str = "echo", args=None, deadline_ms=None, request_id: int = 1) -> Request:

@@ -12,7 +12,7 @@ from rayflow.errors import (
     PermissionDeniedError,
     RayflowError,
 )
-from rayflow.rpc.frames import (
+from rayflow.wire.rpc_frames import (
     FrameDecoder,
     decode_request,
     decode_response,

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from rayflow.errors import RayflowError
 from rayflow.rpc.dispatch import Arg, Dispatcher, optional
-from rayflow.rpc.frames import FrameDecoder, decode_request, decode_response
-from rayflow.rpc.protocol import CallReceived, ProtocolFailure, RpcServerConnection, StreamRefused
+from rayflow.wire.rpc_frames import FrameDecoder, decode_request, decode_response
+from rayflow.wire.rpc_protocol import CallReceived, ProtocolFailure, RpcServerConnection, StreamRefused
 
 MAX_FRAME = 2048
 

@@ -11,8 +11,14 @@ from rayflow.errors import (
     PayloadTooLargeError,
     TransportError,
 )
-from rayflow.rpc.frames import decode_request, decode_response, encode_error, encode_request, encode_response
-from rayflow.rpc.protocol import (
+from rayflow.wire.rpc_frames import (
+    decode_request,
+    decode_response,
+    encode_error,
+    encode_request,
+    encode_response,
+)
+from rayflow.wire.rpc_protocol import (
     CallAbandoned,
     CallCompleted,
     CallFailed,

@@ -1,6 +1,7 @@
 import numpy as np
 
-from rayflow.memory.scoring import beta_reliability, combined_score, mmr_order, recency
+from rayflow.memory.scoring import combined_score, mmr_order, recency
+from rayflow.wire.memory_records import beta_reliability
 
 
 def test_reliability_starts_at_the_prior_and_learns_from_outcomes():

@@ -16,14 +16,14 @@ from rayflow.swarm.job import (
     subtask_result_namespace,
     subtasks_of,
 )
-from rayflow.swarm.model import Subtask
-from rayflow.swarm.worker import (
+from rayflow.swarm.worker_core import (
     HubAccess,
     WorkerPlan,
     agent_launcher_argv,
     parse_runner_output,
     result_from_run,
 )
+from rayflow.wire.subtasks import Subtask
 
 
 def three_tasks(job_task):

@@ -14,11 +14,11 @@ import pytest
 from rich.console import Console
 
 from rayflow.errors import InvalidInputError
-from rayflow.swarm.model import Pattern, Phase, PhaseEvent, SubtaskResult
 from rayflow.swarm.progress import LogDisplay, NotebookDisplay, ProgressCounts, RunProgress, progress_html
 from rayflow.swarm.report import JobResult, select_rows
 from rayflow.swarm.results_log import ResultsLog
-from rayflow.swarm.synthesis import synthesize_report
+from rayflow.wire.subtasks import Pattern, Phase, PhaseEvent, SubtaskResult
+from rayflow.wire.synthesis import synthesize_report
 from tests.swarm_records import T0, subtask_result
 
 
@@ -192,7 +192,7 @@ def test_report_lists_a_bounded_number_of_failures() -> None:
 
 def test_synthesis_imports_nothing_heavy() -> None:
     probe = (
-        "import sys, rayflow.swarm.synthesis as s;"
+        "import sys, rayflow.wire.synthesis as s;"
         "heavy = {'rich', 'numpy', 'ray', 'matplotlib', 'IPython'} & set(sys.modules);"
         "print(sorted(heavy))"
     )

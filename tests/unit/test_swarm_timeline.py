@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from rayflow.errors import ConfigError
-from rayflow.swarm.model import Phase, PhaseEvent
 from rayflow.swarm.timeline import Timeline
+from rayflow.wire.subtasks import Phase, PhaseEvent
 
 T0 = 1_700_000_000.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

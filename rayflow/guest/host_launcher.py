@@ -1,6 +1,6 @@
-"""The launcher of one subtask through the agent host (:mod:`rayflow.agent.host`): connect, send, relay.
+"""The launcher of one subtask through the agent host (:mod:`rayflow.guest.agent_host`): connect, send, relay.
 
-The worker execs this for every subtask instead of ``python -m rayflow.agent run SPEC``, and it
+The worker execs this for every subtask instead of ``python -m rayflow.guest run SPEC``, and it
 behaves the same towards the worker: the agent's own output streams to this process's stdout and
 stderr, the runner's JSON result is the last line printed, and the exit code is 0 when the agent
 succeeded, else 1. What differs is where the runner runs: in a child the warm host forks, with the
@@ -8,9 +8,10 @@ runtime and the hub client already imported, instead of in a fresh interpreter t
 again (a few hundred CPU milliseconds, multiplied by the sandbox's CPU limit into wall time).
 
 Why it starts fast: it is run as ``python -I -S`` and loaded as a top-level module from the
-``rayflow/agent`` directory (see :func:`launcher_argv`), so neither the ``rayflow`` package nor
+``rayflow/guest`` directory (see :func:`rayflow.wire.guest_commands.launcher_argv`), so neither the ``rayflow`` package nor
 ``site`` is imported; it uses only ``socket``, ``json``, ``struct`` and ``os``. For the same reason it
-imports nothing from rayflow and writes the frame header of :mod:`rayflow.framing` (a 4-byte
+imports nothing from rayflow but :mod:`rayflow.wire.guest_commands` (standard library only, loaded
+the same way) and writes the frame header of :mod:`rayflow.wire.framing` (a 4-byte
 big-endian body length) itself.
 
 How it relays: the request carries the launcher's environment and working directory, and its
@@ -28,7 +29,12 @@ import socket
 import struct
 import sys
 
-#: The frame header of :mod:`rayflow.framing`: the body's length, 4 bytes big-endian.
+if __package__:  # imported as rayflow.guest.host_launcher (tests, the package's own tools)
+    from rayflow.wire.guest_commands import runtime_argv
+else:  # loaded as a top-level module by launcher_argv: no rayflow package, for a fast start
+    from guest_commands import runtime_argv  # type: ignore[no-redef]
+
+#: The frame header of :mod:`rayflow.wire.framing`: the body's length, 4 bytes big-endian.
 HEADER = struct.Struct(">I")
 #: Largest reply frame accepted (a result holds at most ~1 MiB of each output stream, escaped).
 MAX_REPLY_BYTES = 64 * 1024 * 1024
@@ -38,28 +44,6 @@ READ_BYTES = 1 << 16
 FINAL_KINDS = ("exit", "error", "pong")
 #: Exit status of a launcher that got no result and no exit status from the host.
 EXIT_NO_RESULT = 1
-
-
-def runtime_argv(python: str, path: list[str], *args: str) -> list[str]:
-    """argv that runs ``rayflow.agent`` with ``python`` and the runtime's import ``path``."""
-    code = (
-        f"import sys; sys.path[:0] = {path!r}; import runpy; "
-        "runpy.run_module('rayflow.agent', run_name='__main__', alter_sys=True)"
-    )
-    return [python, "-I", "-S", "-c", code, *args]
-
-
-def launcher_argv(python: str, path: list[str], socket_path: str, *args: str) -> list[str]:
-    """argv that runs this launcher against the host at ``socket_path`` (``run SPEC`` or ``ping``).
-
-    The ``rayflow/agent`` directories of the runtime's path are appended (not prepended) to the
-    interpreter's own, so the standard library cannot be shadowed by the runtime's modules.
-    """
-    code = (
-        f"import sys; P = {path!r}; sys.path += [p + '/rayflow/agent' for p in P]; "
-        "import host_client; sys.exit(host_client.main(P, sys.argv[1:]))"
-    )
-    return [python, "-I", "-S", "-c", code, socket_path, *args]
 
 
 # --- frames (pure) ------------------------------------------------------------------------------
@@ -253,7 +237,7 @@ def ping(socket_path: str) -> int:
     return 0
 
 
-USAGE = "usage: host_client SOCKET run SPEC_FILE | host_client SOCKET ping"
+USAGE = "usage: host_launcher SOCKET run SPEC_FILE | host_launcher SOCKET ping"
 
 
 def main(path: list[str], argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """The in-sandbox runtime: serves channel requests from stdin and writes events to stdout.
 
-``python -m rayflow.agent serve`` is the main process of every sandbox. The host writes request
-frames (:mod:`rayflow.agent.channel`) to its stdin; it answers on stdout. Why one long-lived
+``python -m rayflow.guest serve`` is the main process of every sandbox. The host writes request
+frames (:mod:`rayflow.wire.channel`) to its stdin; it answers on stdout. Why one long-lived
 runtime instead of one ``docker exec`` per command: starting a command through it costs a fork and
 a frame, not a round trip through a container engine, and every backend gets the same exec path.
 
@@ -37,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayflow.agent.channel import (
+from rayflow.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, RayflowError
+from rayflow.wire.channel import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     UNKNOWN_ID,
@@ -55,10 +56,9 @@ from rayflow.agent.channel import (
     request_id_of,
     result_event,
 )
-from rayflow.agent.procfs import own_group_options, pidfd, rss_bytes, session_members
-from rayflow.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, RayflowError
+from rayflow.wire.procfs import own_group_options, pidfd, rss_bytes, session_members
 
-log = logging.getLogger("rayflow.agent")
+log = logging.getLogger("rayflow.guest")
 
 #: Bytes read from a command's pipe at a time, and so the largest output event.
 CHUNK_BYTES = 64 * 1024
@@ -275,7 +275,7 @@ class AgentServer:
             # Imported on first use: tarfile and pathlib cost every sandbox's start-up ~4 ms.
             from pathlib import Path
 
-            from rayflow.agent import archive
+            from rayflow.wire import archive
 
             handlers = {
                 "upload": lambda: archive.unpack_tree(request.archive, Path(self._path(request.path))),

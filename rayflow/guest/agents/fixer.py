@@ -1,6 +1,6 @@
 """A fixing agent: makes one module's tests pass by trying generic repairs, guided by shared memory.
 
-``fix_module(context)`` is a python agent for :mod:`rayflow.agent.runner`. Its task::
+``fix_module(context)`` is a python agent for :mod:`rayflow.guest.runner`. Its task::
 
     {"module": "app/mod_007.py", "test": "tests/test_mod_007.py",
      "memory": true, "namespace": "swarm/demo", "max_attempts": 40,
@@ -8,9 +8,9 @@
      "seed": 3}                 # optional: shuffles the default order (ignored with strategy_order)
 
 It runs the tests, reduces the first failure to an error signature
-(:mod:`rayflow.agents.signature`), asks the memory which strategies fixed that signature (or a
+(:mod:`rayflow.guest.agents.signature`), asks the memory which strategies fixed that signature (or a
 similar one) before, and tries those first, then the rest. One *attempt* is one strategy applied
-at one site (:mod:`rayflow.agents.repairs`), followed by a test run; a failed attempt is reverted,
+at one site (:mod:`rayflow.guest.agents.repairs`), followed by a test run; a failed attempt is reverted,
 so every attempt starts from the original module. On success it stores what worked, and it
 reports to the memory whether each suggestion it tried worked, which moves that memory's
 confidence.
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from rayflow.agents.repairs import DEFAULT_ORDER, STRATEGIES, Candidate, build_scope, candidates
-from rayflow.agents.signature import ErrorSignature, TestFailure, parse_unittest_output, signature_of
 from rayflow.errors import InvalidInputError
+from rayflow.guest.agents.repairs import DEFAULT_ORDER, STRATEGIES, Candidate, build_scope, candidates
+from rayflow.guest.agents.signature import ErrorSignature, TestFailure, parse_unittest_output, signature_of
 
 DEFAULT_MAX_ATTEMPTS = 40
 DEFAULT_NAMESPACE = "swarm/demo"

@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 from rayflow.errors import RayflowError
 from rayflow.swarm.ledger import Assignment, DispatchLedger
-from rayflow.swarm.model import PhaseEvent, Subtask, SubtaskResult
-from rayflow.swarm.worker import WorkerCore
+from rayflow.swarm.worker_core import WorkerCore
+from rayflow.wire.subtasks import PhaseEvent, Subtask, SubtaskResult
 
-log = logging.getLogger("rayflow.swarm.coordinator")
+log = logging.getLogger("rayflow.swarm.dispatch_loop")
 
 #: How often the loop looks at workers that are still starting, while nothing else happens.
 LAUNCH_CHECK_S = 1.0
@@ -93,8 +93,8 @@ def error_of(exc: BaseException) -> dict[str, str]:
     return {"code": "worker_lost", "message": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-class Coordinator:
-    """Runs one job's subtasks on a fleet. Use once: ``Coordinator(...).run(subtasks)``."""
+class DispatchLoop:
+    """Runs one job's subtasks on a fleet. Use once: ``DispatchLoop(...).run(subtasks)``."""
 
     def __init__(
         self,

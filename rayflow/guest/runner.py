@@ -1,6 +1,6 @@
 """Runs one subtask inside a sandbox with the agent its spec names, and reports a JSON result.
 
-``python -m rayflow.agent run SPEC_JSON_FILE`` reads a spec::
+``python -m rayflow.guest run SPEC_JSON_FILE`` reads a spec::
 
     {"agent": {"kind": "shell", "command": "make test"}            # or
      "agent": {"kind": "python", "target": "my_agents.fix:solve"},
@@ -18,7 +18,7 @@ Python ones:
   returns (JSON-serializable) is the result's ``value``.
 
 The context gives an agent commands (``run``), files and the shared memory. ``context.memory``
-is a blocking hub client (:class:`rayflow.hub.client.SyncHubClient`: ``search``,
+is a blocking hub client (:class:`rayflow.wire.hub_client.SyncHubClient`: ``search``,
 ``store_pattern``, ``record_trajectory``, ``report_outcome``...), built on first use. What the
 sandbox needs for it:
 
@@ -39,7 +39,6 @@ becomes the agent's error result (code ``config_error``) like any other agent fa
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -47,13 +46,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayflow.agent.procfs import own_group_options
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
+from rayflow.wire.procfs import own_group_options
+from rayflow.wire.targets import load_callable
 
 #: Bytes of an agent's own stdout/stderr kept in the result.
 RESULT_OUTPUT_BYTES = 1024 * 1024
@@ -205,7 +205,7 @@ def connect_memory(env: Mapping[str, str]) -> Any:
     """
     settings = hub_settings(env)
     try:
-        from rayflow.hub.client import SyncHubClient
+        from rayflow.wire.hub_client import SyncHubClient
     except ImportError as exc:
         raise ConfigError(
             f"this sandbox image has no hub client ({exc.name or exc} is missing); "
@@ -235,17 +235,6 @@ def run_shell_agent(
 
 
 # --- running a spec ---------------------------------------------------------------------------
-def load_callable(target: str) -> Callable[[AgentContext], Any]:
-    """The function named by ``"package.module:function"``."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise InvalidInputError("a python agent is named 'module:function'", target=target)
-    function = getattr(importlib.import_module(module_name), attribute, None)
-    if not callable(function):
-        raise InvalidInputError(f"{target!r} is not a callable", target=target)
-    return function
-
-
 def _text(data: bytes) -> str:
     return data[:RESULT_OUTPUT_BYTES].decode("utf-8", "replace")
 
@@ -303,7 +292,7 @@ def run_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_spec_file(path: str) -> int:
-    """Entry point of ``python -m rayflow.agent run``: prints the result; 0 when the agent succeeded."""
+    """Entry point of ``python -m rayflow.guest run``: prints the result; 0 when the agent succeeded."""
     try:
         spec = json.loads(Path(path).read_text())
         if not isinstance(spec, dict):

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rayflow.agent.runner import HUB_ENV, load_callable
 from rayflow.errors import InvalidInputError
-from rayflow.swarm.globbing import glob_files
-from rayflow.swarm.synthesis import synthesize_report
+from rayflow.guest.runner import HUB_ENV
+from rayflow.wire.globbing import glob_files
+from rayflow.wire.synthesis import synthesize_report
+from rayflow.wire.targets import load_callable
 
 #: Most task payloads one decomposition may return through the channel (a result is one frame).
 MAX_DECOMPOSED = 100_000

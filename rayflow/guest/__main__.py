@@ -1,4 +1,4 @@
-"""Command line of the in-sandbox runtime: ``python -m rayflow.agent serve | run SPEC | host | --version``.
+"""Command line of the in-sandbox runtime: ``python -m rayflow.guest serve | run SPEC | host | --version``.
 
 Plain ``argparse`` on purpose: the sandbox image carries no CLI framework.
 
@@ -40,12 +40,12 @@ def _parser() -> argparse.ArgumentParser:
             )
 
         def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-            from rayflow.agent import runtime_version
+            from rayflow.guest import runtime_version
 
             print(f"rayflow-agent {runtime_version()}")
             parser.exit()
 
-    parser = argparse.ArgumentParser(prog="python -m rayflow.agent", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rayflow.guest", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action=VersionAction, help="print the runtime's version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve channel requests on stdin/stdout")
@@ -102,19 +102,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="rayflow-agent: %(message)s")
     if serve is not None:
-        from rayflow.agent.server import serve_stdio
+        from rayflow.guest.runtime import serve_stdio
 
         return serve_stdio(**serve)  # type: ignore[arg-type]
     if parsed.command == "host":
-        from rayflow.agent.host import DEFAULT_SOCKET, parse_preload, serve_host
+        from rayflow.guest.agent_host import parse_preload, serve_host
+        from rayflow.wire.guest_commands import AGENT_HOST_SOCKET
 
         return serve_host(
-            parsed.socket or DEFAULT_SOCKET,
+            parsed.socket or AGENT_HOST_SOCKET,
             preload_names=parse_preload(parsed.preload),
             detach=parsed.detach,
             log_path=parsed.log,
         )
-    from rayflow.agent.runner import run_spec_file
+    from rayflow.guest.runner import run_spec_file
 
     return run_spec_file(parsed.spec_file)
 

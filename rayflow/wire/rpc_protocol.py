@@ -36,8 +36,8 @@ from rayflow.errors import (
     RayflowError,
     TransportError,
 )
-from rayflow.framing import HEADER_BYTES
-from rayflow.rpc.frames import (
+from rayflow.wire.framing import HEADER_BYTES
+from rayflow.wire.rpc_frames import (
     DEFAULT_MAX_FRAME_BYTES,
     UNKNOWN_REQUEST_ID,
     FrameDecoder,

@@ -1,6 +1,6 @@
 """``ChannelSandbox``: the host side of the channel, a :class:`Sandbox` over a runtime's pipes.
 
-Every backend starts ``python -m rayflow.agent serve`` as the sandbox's main process, isolated in
+Every backend starts ``python -m rayflow.guest serve`` as the sandbox's main process, isolated in
 its own way, and hands the started process to a ``ChannelSandbox``; exec and file calls are then
 the same on every backend. A backend supplies only what differs: the ``teardown`` that removes the
 sandbox and, optionally, a ``stats`` measured from outside (cgroups, the container engine).
@@ -29,8 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from rayflow.agent import archive
-from rayflow.agent.channel import (
+from rayflow.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    RayflowError,
+    TransportError,
+)
+from rayflow.sandbox.backend import OutputCallback
+from rayflow.sandbox.spec import ExecResult, KillReason, SandboxSpec, SandboxStats
+from rayflow.wire import archive
+from rayflow.wire.channel import (
     DEFAULT_MAX_FRAME_BYTES,
     Event,
     ExitInfo,
@@ -40,14 +48,6 @@ from rayflow.agent.channel import (
     parse_event,
     request,
 )
-from rayflow.errors import (
-    DeadlineExceededError,
-    InvalidInputError,
-    RayflowError,
-    TransportError,
-)
-from rayflow.sandbox.backend import OutputCallback
-from rayflow.sandbox.spec import ExecResult, KillReason, SandboxSpec, SandboxStats
 
 log = logging.getLogger("rayflow.sandbox")
 

@@ -1,7 +1,7 @@
 """The hub's op table: every op's name, the token scope it needs and whether a replay is harmless.
 
 One definition shared by the server side (:mod:`rayflow.hub.service`, :mod:`rayflow.hub.server`)
-and the client (:mod:`rayflow.hub.client`). It lives apart from the service because the client
+and the client (:mod:`rayflow.wire.hub_client`). It lives apart from the service because the client
 runs inside sandbox images that carry neither the bank nor the token machinery: this module
 imports nothing but the standard library. That is also why the scopes are written out here as the
 plain strings tokens carry rather than taken from :class:`rayflow.auth.claims.Scope` (importing

@@ -50,13 +50,28 @@ class MemoryItem:
     source_agent: str = ""
     embedding_model: str = ""
     dim: int = 0
+    #: Pseudo-observations the prior is worth, as configured in the bank that read this item
+    #: (``memory.prior_strength``), so the reliability shown is the one that ranks.
+    prior_strength: float = 2.0
 
     @property
     def reliability(self) -> float:
         """Posterior mean of a Beta prior seeded by ``prior_confidence``, updated by outcomes."""
-        from rayflow.memory.scoring import beta_reliability
+        return beta_reliability(self.prior_confidence, self.successes, self.failures, self.prior_strength)
 
-        return beta_reliability(self.prior_confidence, self.successes, self.failures)
+
+def beta_reliability(prior: float, successes: float, failures: float, strength: float = 2.0) -> float:
+    """Posterior mean of a Beta belief that using an item leads to success.
+
+    The stored confidence ``prior`` acts as ``strength`` pseudo-observations
+    (``alpha0 = prior * strength``, ``beta0 = (1 - prior) * strength``); every reported outcome
+    then moves the estimate, and many outcomes outweigh the prior. Plain Python (the records cross
+    into sandboxes, which carry no numpy); :func:`rayflow.memory.scoring.beta_reliability_array` is
+    the vectorised twin the ranking uses.
+    """
+    alpha = prior * strength + successes
+    beta = (1.0 - prior) * strength + failures
+    return alpha / (alpha + beta)
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ plain process too. A worker:
 * holds a short-lived hub token scoped to the job's tenant and namespaces, minted by the hub and
   refreshed before it runs out; the token is handed to each agent run in its environment, never
   baked into the sandbox, so a refreshed token reaches the next subtask;
-* starts the sandbox's agent host (:mod:`rayflow.agent.host`) once the sandbox is provisioned:
+* starts the sandbox's agent host (:mod:`rayflow.guest.agent_host`) once the sandbox is provisioned:
   a process that imports the runner and the hub client ahead of time and forks one child per
   subtask, so an agent does not pay an interpreter's start and imports (a few hundred CPU
   milliseconds, seconds of wall time under a fraction of a CPU) in every run;
 * runs a subtask by writing the runner's spec into the sandbox and executing the host's launcher
-  (:mod:`rayflow.agent.host_client`), which prints what ``python -m rayflow.agent run`` prints
+  (:mod:`rayflow.guest.host_launcher`), which prints what ``python -m rayflow.guest run`` prints
   and runs the spec itself when the host is gone; the agent's failure is a result, a dead sandbox
   is an error (:class:`~rayflow.errors.SandboxError`) the coordinator answers by retrying elsewhere;
 * records every result in the hub under ``swarm/<job>/results/<subtask>`` (the memory-sync phase),
@@ -32,16 +32,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from rayflow.agent.host import DEFAULT_SOCKET as AGENT_HOST_SOCKET
-from rayflow.agent.host_client import launcher_argv, runtime_argv
 from rayflow.errors import RayflowError, SandboxError
 from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.gc import current_process_owner
 from rayflow.sandbox.spec import ExecResult, NetworkPolicy, SandboxSpec
 from rayflow.swarm.job import AgentRef, Job, subtask_result_namespace
-from rayflow.swarm.model import Phase, PhaseEvent, Subtask, SubtaskResult
+from rayflow.wire.guest_commands import AGENT_HOST_SOCKET, launcher_argv, runtime_argv
+from rayflow.wire.subtasks import Phase, PhaseEvent, Subtask, SubtaskResult
 
-log = logging.getLogger("rayflow.swarm.worker")
+log = logging.getLogger("rayflow.swarm.worker_core")
 
 #: Where the runner's spec of each subtask is written, relative to the sandbox's work directory.
 SPEC_DIR = ".rayflow"
@@ -128,7 +127,7 @@ def _interpreter(identity: Mapping[str, Any]) -> tuple[str, list[str]]:
 
 
 def agent_launcher_argv(identity: Mapping[str, Any], *args: str) -> list[str]:
-    """argv that starts ``rayflow.agent`` in the sandbox with the runtime's own interpreter and path."""
+    """argv that starts ``rayflow.guest`` in the sandbox with the runtime's own interpreter and path."""
     python, path = _interpreter(identity)
     return runtime_argv(python, path, *args)
 
@@ -403,7 +402,7 @@ class WorkerCore:
 
     def _client(self) -> Any:
         if self._hub_client is None:
-            from rayflow.hub.client import SyncHubClient
+            from rayflow.wire.hub_client import SyncHubClient
 
             assert self._hub is not None
             token = self.token()

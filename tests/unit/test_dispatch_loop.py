@@ -6,8 +6,8 @@ import concurrent.futures as cf
 
 import pytest
 
-from rayflow.swarm.coordinator import Coordinator, SwarmError
-from rayflow.swarm.model import Subtask
+from rayflow.swarm.dispatch_loop import DispatchLoop, SwarmError
+from rayflow.wire.subtasks import Subtask
 
 
 class NeverStartingFleet:
@@ -45,7 +45,7 @@ class SteppingClock:
 
 def test_workers_that_never_start_end_the_job_with_a_clear_error():
     fleet = NeverStartingFleet()
-    coordinator = Coordinator(fleet, Sink(), workers=2, launch_timeout_s=30.0, max_launch_failures=4, launch_check_s=0.01,
+    coordinator = DispatchLoop(fleet, Sink(), workers=2, launch_timeout_s=30.0, max_launch_failures=4, launch_check_s=0.01,
                               clock=SteppingClock())
     with pytest.raises(SwarmError, match="did not start within 30 s"):
         coordinator.run([Subtask("a", 0)])

@@ -24,7 +24,7 @@ from rayflow.errors import (
     RayflowError,
     error_from_code,
 )
-from rayflow.framing import MAX_DECLARABLE_BYTES, FrameSplitter, frame
+from rayflow.wire.framing import MAX_DECLARABLE_BYTES, FrameSplitter, frame
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024

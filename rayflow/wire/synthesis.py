@@ -2,7 +2,7 @@
 
 Why standard library only: in pattern A the synthesis runs on the host, in pattern B inside a
 sandbox that has rayflow's source but not its heavy dependencies (rich, numpy, Ray). This module
-imports nothing beyond the standard library, :mod:`rayflow.swarm.model` and :mod:`rayflow.swarm.counts`
+imports nothing beyond the standard library, :mod:`rayflow.wire.subtasks` and :mod:`rayflow.wire.result_counts`
 (themselves standard library only), so both places run the same function and produce the same text.
 
 Why it streams: ``results`` may be a 1000+ subtask log read from disk; the report keeps only
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rayflow.swarm.counts import ResultCounts
-from rayflow.swarm.model import Pattern, Phase, SubtaskResult
+from rayflow.wire.result_counts import ResultCounts
+from rayflow.wire.subtasks import Pattern, Phase, SubtaskResult
 
 #: Failures listed by name in the report; the rest are counted.
 MAX_LISTED_FAILURES = 20

@@ -6,12 +6,12 @@ memory hits and re-dispatches, so both count with this class.
 
 Why standard library only: the synthesis step also runs inside a sandbox (pattern B) that has
 rayflow's light modules but none of its dependencies; this module imports nothing beyond
-:mod:`rayflow.swarm.model` and is shipped into the sandbox image with it.
+:mod:`rayflow.wire.subtasks` and is shipped into the sandbox image with it.
 """
 
 from __future__ import annotations
 
-from rayflow.swarm.model import SubtaskResult
+from rayflow.wire.subtasks import SubtaskResult
 
 
 class ResultCounts:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from rayflow.errors import InvalidInputError
-from rayflow.memory.models import MemoryItem, ScoredItem, Step, Trajectory, Verdict
+from rayflow.wire.memory_records import MemoryItem, ScoredItem, Step, Trajectory, Verdict
 
 MAX_STEPS = 500
 

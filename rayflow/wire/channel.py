@@ -35,7 +35,7 @@ from rayflow.errors import (
     RayflowError,
     error_from_code,
 )
-from rayflow.framing import FrameSplitter, frame
+from rayflow.wire.framing import FrameSplitter, frame
 
 #: Bumped when a message shape changes incompatibly; answered by ``ping``.
 PROTOCOL_VERSION = 1

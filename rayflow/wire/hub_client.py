@@ -2,12 +2,12 @@
 
 Both share one description of the ops (:class:`_HubOps`): each method only builds the op's
 arguments and hands them to the transport's ``call``. The async client's transport is
-:class:`~rayflow.rpc.client.RpcClient`, whose ``call`` is a coroutine, so its methods are awaited;
-the sync client's is :class:`~rayflow.rpc.client.SyncRpcClient`, which runs that same async client
+:class:`~rayflow.wire.rpc_client.RpcClient`, whose ``call`` is a coroutine, so its methods are awaited;
+the sync client's is :class:`~rayflow.wire.rpc_client.SyncRpcClient`, which runs that same async client
 on a private loop, so its methods return results. There is no second protocol implementation.
 
 The client runs inside sandbox images, so it imports only what talking to a hub needs: aioquic
-(through :mod:`rayflow.rpc.client`), msgpack and rayflow's light modules (the op table, the wire
+(through :mod:`rayflow.wire.rpc_client`), msgpack and rayflow's light modules (the op table, the wire
 conversions, the plain records). Embeddings travel as little-endian float32 bytes; a caller may
 pass bytes, a sequence of floats, or anything with ``tobytes()`` (a numpy array is converted to
 float32 first, using numpy only when the caller already has it loaded).
@@ -20,10 +20,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from rayflow.hub.ops import OPS
-from rayflow.hub.wire import trajectory_to_wire
-from rayflow.memory.models import Trajectory
-from rayflow.rpc.client import RpcClient, SyncRpcClient
+from rayflow.wire.hub_ops import OPS
+from rayflow.wire.hub_records import trajectory_to_wire
+from rayflow.wire.memory_records import Trajectory
+from rayflow.wire.rpc_client import RpcClient, SyncRpcClient
 
 
 class SupportsToBytes(Protocol):

@@ -1,7 +1,7 @@
 """The RPC server: aioquic connections driving the sans-IO protocol, with handlers run as tasks.
 
 A thin shell: every decision (limits, framing, early data, timeouts) is made by
-:class:`~rayflow.rpc.protocol.RpcServerConnection` and :class:`~rayflow.rpc.dispatch.Dispatcher`;
+:class:`~rayflow.wire.rpc_protocol.RpcServerConnection` and :class:`~rayflow.rpc.dispatch.Dispatcher`;
 this module moves their events onto QUIC streams. One bad client never takes the server down: a
 failure on a stream is answered or the stream reset, and an unexpected error while handling a
 connection's events closes that connection only.
@@ -24,8 +24,10 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
 
 from rayflow.rpc.dispatch import Authenticate, Dispatcher
-from rayflow.rpc.frames import DEFAULT_MAX_FRAME_BYTES
-from rayflow.rpc.protocol import (
+from rayflow.rpc.tickets import DEFAULT_TICKET_TTL_S, SessionTicketStore
+from rayflow.rpc.tls import ensure_server_tls
+from rayflow.wire.rpc_frames import DEFAULT_MAX_FRAME_BYTES
+from rayflow.wire.rpc_protocol import (
     DEFAULT_ALPN,
     DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_MAX_INFLIGHT_BYTES,
@@ -38,8 +40,6 @@ from rayflow.rpc.protocol import (
     RpcServerConnection,
     StreamRefused,
 )
-from rayflow.rpc.tickets import DEFAULT_TICKET_TTL_S, SessionTicketStore
-from rayflow.rpc.tls import ensure_server_tls
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Sequential test-time scaling inside one sandbox: run an agent up to ``r`` times, each time told
 how the previous attempt went, and stop at the first success.
 
-``refine(context)`` is a python agent for :mod:`rayflow.agent.runner`. Its task is the subtask's
+``refine(context)`` is a python agent for :mod:`rayflow.guest.runner`. Its task is the subtask's
 own task plus::
 
     {"inner": "package.module:function",      # the agent refined (or {"kind": "shell", "command": ...})
@@ -141,7 +141,7 @@ def untried_strategies_first(task: Mapping[str, Any], history: Sequence[Any]) ->
     The base order is the task's ``strategy_order``, else the fixer's default order (shuffled by
     the task's ``seed`` as the fixer would), so the first attempt and the revision agree.
     """
-    from rayflow.agents.fixer import strategy_order
+    from rayflow.guest.agents.fixer import strategy_order
 
     explicit = task.get("strategy_order")
     seed = task.get("seed")
@@ -163,7 +163,7 @@ def _shell_attempt(
     context: Any, spec: Mapping[str, Any], task: dict[str, Any], timeout_s: float
 ) -> dict[str, Any]:
     """One attempt of a shell agent, as the runner would start it: task JSON on stdin and in a file."""
-    from rayflow.agent.runner import run_shell_agent
+    from rayflow.guest.runner import run_shell_agent
 
     command = spec.get("command")
     if not isinstance(command, str) or not command:

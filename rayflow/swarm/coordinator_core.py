@@ -2,11 +2,11 @@
 
 Ray-free: the caller passes a fleet factory (Ray actors or threads), a hub session (how to reach
 the hub and mint tokens) and, for pattern B, a way to create the coordinator's own sandbox. The
-``Coordinator`` Ray actor is a thin shell around :class:`JobRunner`.
+``Coordinator`` Ray actor is a thin shell around :class:`CoordinatorCore`.
 
 Patterns: in A the coordinator's agent steps (decomposition, synthesis) run here on the host and
 the coordinator reads the hub with a token of its own; in B they run in a sandbox of the
-coordinator's, as python agents (:mod:`rayflow.agents.steps`), and reach memory only over QUIC
+coordinator's, as python agents (:mod:`rayflow.guest.agents.coordinator_steps`), and reach memory only over QUIC
 with that sandbox's token. Workers are sandboxed in both.
 """
 
@@ -26,23 +26,23 @@ from typing import Any
 from rayflow.errors import InvalidInputError, RayflowError
 from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.spec import SandboxSpec
-from rayflow.swarm.coordinator import Coordinator, Fleet, RunStats
+from rayflow.swarm.dispatch_loop import DispatchLoop, Fleet, RunStats
 from rayflow.swarm.job import AgentRef, Job, decomposition_to_wire, iter_subtasks, iter_task_payloads
 from rayflow.swarm.matts import MattsPlan
-from rayflow.swarm.model import Pattern, Phase, PhaseEvent, Subtask, SubtaskResult
 from rayflow.swarm.recovery import find_recorded_result
 from rayflow.swarm.results_log import ResultsLog
-from rayflow.swarm.synthesis import synthesize_report
-from rayflow.swarm.worker import HubAccess, TokenMinter, WorkerCore, WorkerPlan
+from rayflow.swarm.worker_core import HubAccess, TokenMinter, WorkerCore, WorkerPlan
+from rayflow.wire.subtasks import Pattern, Phase, PhaseEvent, Subtask, SubtaskResult
+from rayflow.wire.synthesis import synthesize_report
 
-log = logging.getLogger("rayflow.swarm.session")
+log = logging.getLogger("rayflow.swarm.coordinator_core")
 
 #: CPUs of the coordinator's own sandbox at least (pattern B).
 STEP_CPUS = 1.0
 
 COORDINATOR = "coordinator"
-DECOMPOSE_STEP = "rayflow.agents.steps:decompose"
-SYNTHESIZE_STEP = "rayflow.agents.steps:synthesize"
+DECOMPOSE_STEP = "rayflow.guest.agents.coordinator_steps:decompose"
+SYNTHESIZE_STEP = "rayflow.guest.agents.coordinator_steps:synthesize"
 #: Results handed to a sandboxed synthesis step travel in one frame: keep them compact.
 SYNTHESIS_FIELDS = ("subtask_id", "index", "ok", "value", "error", "dispatches", "worker_id", "node_id",
                     "started_at", "ended_at")
@@ -91,7 +91,7 @@ def start_step_core(
     return core, core.start()
 
 
-class JobRunner:
+class CoordinatorCore:
     """Runs one :class:`Job`. ``run()`` once."""
 
     def __init__(
@@ -121,7 +121,7 @@ class JobRunner:
         #: The coordinator's own sandbox (pattern B); a started one may be handed in (warm), and it
         #: is destroyed with this job either way.
         self._step_core: WorkerCore | None = step_core
-        self.coordinator: Coordinator | None = None
+        self.coordinator: DispatchLoop | None = None
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> JobOutcome:
@@ -145,7 +145,7 @@ class JobRunner:
             else:
                 subtasks = self._decompose(log_file)
             fleet = self._make_fleet(worker_plan)
-            self.coordinator = Coordinator(
+            self.coordinator = DispatchLoop(
                 fleet,
                 sink,
                 workers=job.workers,
@@ -254,7 +254,7 @@ class JobRunner:
     # -- the hub, from the coordinator's side ---------------------------------------------------
     def _hub_client(self) -> Any:
         if self._client is None:
-            from rayflow.hub.client import SyncHubClient
+            from rayflow.wire.hub_client import SyncHubClient
 
             assert self._hub is not None
             # The job's results and its shared memory (where MaTTS lessons go).

@@ -6,7 +6,7 @@ the tests say. Each module holds a few realistic helpers (parsing, arithmetic, s
 collections, dates); exactly one of them carries a defect drawn from a family of common mistakes
 (an exclusive bound one short, a flipped comparison, a missing ``strip()``...). Every family is
 fixed by exactly one of the fixing agent's generic repair strategies
-(:data:`rayflow.agents.repairs.STRATEGIES`), and several families fail with the same-looking
+(:data:`rayflow.guest.agents.repairs.STRATEGIES`), and several families fail with the same-looking
 output (``Lists differ``, ``<str> != <str>``, ``KeyError``), so trying the right strategy first is
 worth learning.
 

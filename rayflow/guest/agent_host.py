@@ -1,14 +1,14 @@
 """The agent host: a long-lived, pre-imported process in the sandbox that forks one child per subtask.
 
-``python -m rayflow.agent host --socket PATH`` imports the agent runner (and, when the sandbox
+``python -m rayflow.guest host --socket PATH`` imports the agent runner (and, when the sandbox
 has hub settings, the hub client with aioquic and cryptography; and the modules named with
 ``--preload``) once, then listens on a unix socket. Each request names a spec file; the host forks
-a child that runs :func:`rayflow.agent.runner.run_spec` on it and sends the runner's JSON result
-back. Why: a fresh ``python -m rayflow.agent run`` pays ~0.3 CPU-seconds of interpreter start and
+a child that runs :func:`rayflow.guest.runner.run_spec` on it and sends the runner's JSON result
+back. Why: a fresh ``python -m rayflow.guest run`` pays ~0.3 CPU-seconds of interpreter start and
 imports, and a sandbox limited to a fraction of a CPU turns that into seconds of wall time per
 agent; a fork of a process that already holds those modules costs milliseconds.
 
-Protocol: one request per connection, frames of :mod:`rayflow.framing` with JSON bodies.
+Protocol: one request per connection, frames of :mod:`rayflow.wire.framing` with JSON bodies.
 
 * client -> host: ``{"kind": "run", "spec": PATH, "env": {...}, "cwd": DIR}`` with the client's
   stdin, stdout and stderr attached as descriptors (``SCM_RIGHTS``); or ``{"kind": "ping"}``;
@@ -45,14 +45,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayflow.agent.procfs import pidfd
 from rayflow.errors import InvalidInputError, OverloadedError, PayloadTooLargeError, RayflowError
-from rayflow.framing import FrameSplitter, frame
+from rayflow.wire.framing import FrameSplitter, frame
+from rayflow.wire.procfs import pidfd
 
-log = logging.getLogger("rayflow.agent.host")
+log = logging.getLogger("rayflow.guest.agent_host")
 
-#: Where the worker puts the host's socket, relative to the sandbox's work directory.
-DEFAULT_SOCKET = ".rayflow/agent-host.sock"
 #: Largest request accepted (the environment is the bulk of it).
 MAX_REQUEST_BYTES = 1024 * 1024
 #: Largest spec file the host reads.
@@ -73,9 +71,9 @@ REPLY_WRITE_S = 5.0
 #: How long a child may take to write its result to a client that reads slowly.
 RESULT_WRITE_S = 300.0
 #: Always preloaded: what every child runs.
-RUNNER_MODULE = "rayflow.agent.runner"
+RUNNER_MODULE = "rayflow.guest.runner"
 #: Preloaded when the sandbox has hub settings: the memory client (aioquic, cryptography).
-HUB_CLIENT_MODULE = "rayflow.hub.client"
+HUB_CLIENT_MODULE = "rayflow.wire.hub_client"
 
 
 # --- requests and replies (pure) --------------------------------------------------------------
@@ -152,7 +150,7 @@ def spec_timeout(spec: Mapping[str, Any]) -> float | None:
 
 
 def error_result(error: RayflowError) -> dict[str, Any]:
-    """A runner result for a spec that could not be run, as ``python -m rayflow.agent run`` gives."""
+    """A runner result for a spec that could not be run, as ``python -m rayflow.guest run`` gives."""
     return {"ok": False, "error": {"code": error.code, "message": error.message}}
 
 
@@ -525,10 +523,10 @@ class AgentHost:
             os._exit(code)
 
     def _run(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """The runner's result for ``spec``, with its errors as ``python -m rayflow.agent run`` reports them."""
+        """The runner's result for ``spec``, with its errors as ``python -m rayflow.guest run`` reports them."""
         run_spec = self._run_spec
         if run_spec is None:
-            from rayflow.agent.runner import run_spec
+            from rayflow.guest.runner import run_spec
         try:
             result = run_spec(spec)
         except RayflowError as exc:
@@ -612,7 +610,7 @@ def listen(socket_path: str) -> socket.socket:
 def serve_host(
     socket_path: str, *, preload_names: Iterable[str] = (), detach: bool = False, log_path: str | None = None
 ) -> int:
-    """Entry point of ``python -m rayflow.agent host``: preload, listen, serve.
+    """Entry point of ``python -m rayflow.guest host``: preload, listen, serve.
 
     Once the socket listens it prints :func:`ready_line`. With ``detach`` the process then exits 0,
     leaving a forked host serving with its output in ``log_path`` (default: the socket's path +
@@ -667,7 +665,6 @@ def _detach(log_path: str, socket_path: str) -> None:
 
 
 __all__ = [
-    "DEFAULT_SOCKET",
     "AgentHost",
     "PingRequest",
     "RunRequest",

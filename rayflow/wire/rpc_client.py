@@ -1,6 +1,6 @@
 """The RPC client: one QUIC connection carrying many concurrent calls, resumed with 0-RTT.
 
-A thin shell over :class:`~rayflow.rpc.protocol.RpcClientCalls`. Each call opens a stream, sends
+A thin shell over :class:`~rayflow.wire.rpc_protocol.RpcClientCalls`. Each call opens a stream, sends
 one request frame and waits for the answer; the connection is opened on demand and reused while
 alive. The last TLS session ticket the server sent is kept, so the next connection resumes the
 session and calls the caller marks ``idempotent`` go out as 0-RTT early data, before the handshake
@@ -29,7 +29,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket
 
 from rayflow.errors import DeadlineExceededError, TooEarlyError, TransportError
-from rayflow.rpc.protocol import (
+from rayflow.wire.rpc_protocol import (
     DEFAULT_ALPN,
     DEFAULT_MAX_RESPONSE_BYTES,
     STREAM_CANCELLED,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from rayflow.agents.signature import TestFailure
+from rayflow.guest.agents.signature import TestFailure
 
 
 @dataclass(frozen=True)
