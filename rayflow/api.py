@@ -4,7 +4,7 @@ This is the one module of the library that talks to Ray (imported lazily, so ``i
 stays light). A ``Swarm`` makes sure its region's ``HubReplica`` runs, then hands each job to a
 ``Coordinator`` actor placed on the driver's own node (pattern A's "coordinator on the host"; its
 results file is therefore readable here), shows progress while it runs, and returns a
-:class:`~rayflow.swarm.report.JobResult`.
+:class:`~rayflow.views.job_result.JobResult`.
 
 Example::
 
@@ -195,12 +195,12 @@ class Swarm:
         self.close()
 
     def run(self, job: Job, *, progress: bool = True, timeout_s: float | None = None) -> Any:
-        """Run ``job`` to the end and return its :class:`~rayflow.swarm.report.JobResult`."""
+        """Run ``job`` to the end and return its :class:`~rayflow.views.job_result.JobResult`."""
         import ray
 
-        from rayflow.swarm.progress import RunProgress
-        from rayflow.swarm.report import JobResult
         from rayflow.swarm.results_log import ResultsLog
+        from rayflow.views.job_result import JobResult
+        from rayflow.views.progress import RunProgress
 
         coordinator = self._coordinator_actor()
         warm = self._warm.pop(self._warm_key(job), []) if job.warm_pool else []

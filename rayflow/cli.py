@@ -14,9 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from rayflow.config import Config, load_config
-from rayflow.display import retrieval_table
 from rayflow.errors import RayflowError
 from rayflow.sandbox.image import DEFAULT_WITH_HUB_CLIENT
+from rayflow.views.retrieval_table import retrieval_table
 
 if TYPE_CHECKING:
     from rayflow.swarm.job import Job
@@ -331,7 +331,7 @@ def sandbox_build_image(
     force: bool = typer.Option(False, help="Rebuild even when the image is current."),
 ) -> None:
     """Build the sandbox image without a registry (cached by content hash)."""
-    from rayflow.sandbox.image import build_image_command
+    from rayflow.views.sandbox_console import build_image_command
 
     build_image_command(tag, method, with_hub_client, force)
 
@@ -341,7 +341,7 @@ def sandbox_gc(
     backend: list[str] = typer.Option([], "--backend", "-b", help="docker, local, process (default: all available)."),
 ) -> None:
     """Remove sandboxes, networks and rules whose owner process is gone."""
-    from rayflow.sandbox.gc import gc_command
+    from rayflow.views.sandbox_console import gc_command
 
     raise typer.Exit(gc_command(backend))
 

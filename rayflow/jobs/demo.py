@@ -348,7 +348,7 @@ def resolve_backend(backend: str, console: Console) -> str:
 
 
 def outcome_of(label: str, memory: bool, result: Any, expected: int) -> RunOutcome:
-    """The plain numbers of one finished job (``result`` is a :class:`~rayflow.swarm.report.JobResult`)."""
+    """The plain numbers of one finished job (``result`` is a :class:`~rayflow.views.job_result.JobResult`)."""
     rows = list(result.results())
     summary = result.summary
     return RunOutcome(

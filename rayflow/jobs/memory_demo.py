@@ -18,9 +18,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from rayflow.config import load_config
-from rayflow.display import retrieval_table
 from rayflow.jobs.synthetic_tasks import trajectory
 from rayflow.memory.bank import ReasoningBank
+from rayflow.views.retrieval_table import retrieval_table
 from rayflow.wire.memory_records import Step, Trajectory
 
 TENANT = "acme"

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -194,54 +194,3 @@ def reap_on_startup(backend: SandboxBackend) -> list[str]:
     if reaped:
         log.warning("removed %d %s sandbox(es) left by dead owners: %s", len(reaped), backend.name, reaped)
     return reaped
-
-
-def gc_command(backend_names: Sequence[str]) -> int:
-    """Sweep the named backends (all available ones when empty), print a table; the exit code.
-
-    What ``rayflow sandbox gc`` runs. A backend named explicitly that cannot be opened is an
-    error (exit code 1); when no name is given, unavailable backends are skipped with a note.
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    from rayflow.sandbox.select import BACKEND_NAMES, construct_backend, probe_engine
-
-    console = Console()
-    explicit = bool(backend_names)
-    names = list(backend_names) if explicit else list(BACKEND_NAMES)
-    backends: list[SandboxBackend] = []
-    failed = False
-    for name in names:
-        try:
-            if name == "docker" and not explicit:
-                engine = probe_engine()
-                if not engine.ok:
-                    raise ConfigError(engine.reason)
-            backends.append(construct_backend(name))
-        except ConfigError as exc:
-            if explicit:
-                console.print(f"[red]{name}: {exc.message}[/red]")
-                failed = True
-            else:
-                console.print(f"[dim]{name}: skipped ({exc.message})[/dim]")
-    try:
-        result = sweep(backends, owner_alive_by_pid)
-    finally:
-        for backend in backends:
-            close = getattr(backend, "close", None)
-            if callable(close):
-                close()
-    table = Table(title="removed sandboxes")
-    for column in ("backend", "sandbox", "owner", "why"):
-        table.add_column(column)
-    for item in result.removed:
-        table.add_row(item.backend, item.sandbox_id, item.owner or "?", item.why)
-    if result.removed:
-        console.print(table)
-    else:
-        console.print("no sandbox of a dead owner found")
-    console.print(f"{len(result.removed)} removed, {result.kept} kept (owner alive or not judgeable)")
-    for name, message in result.errors:
-        console.print(f"[red]{name}: sweep failed: {message}[/red]")
-    return 1 if failed or result.errors else 0

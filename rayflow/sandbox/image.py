@@ -131,10 +131,12 @@ class ImageStatus:
 
 # --- what is shipped (pure) ---------------------------------------------------------------------
 def package_root() -> Path:
-    """Directory of the running ``rayflow`` package, whose runtime files are shipped."""
-    import rayflow
+    """Directory of the running ``rayflow`` package, whose runtime files are shipped.
 
-    return Path(rayflow.__file__).resolve().parent
+    Found from this file rather than by importing ``rayflow``: the package's ``__init__`` is the
+    face of the library (``rayflow.init``), which host-side code below it must not depend on.
+    """
+    return Path(__file__).resolve().parents[1]
 
 
 def shipped_files(source_dir: Path) -> list[tuple[str, Path]]:
@@ -752,31 +754,3 @@ def _apt_source_files() -> list[Path]:
     if parts.is_dir():
         files += sorted(p for p in parts.iterdir() if p.suffix in (".list", ".sources") and p.is_file())
     return files
-
-
-def build_image_command(tag: str, method: str, with_hub_client: bool, force: bool) -> ImageInfo:
-    """Build the image with a live progress bar on the terminal; what ``rayflow sandbox build-image`` runs."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    console = Console()
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(f"building {tag}", total=1.0)
-
-        def update(message: str, fraction: float) -> None:
-            bar.update(task, description=message[:80], completed=fraction)
-
-        info = build_sandbox_image(
-            tag, method=method, with_hub_client=with_hub_client, force=force, progress=update
-        )
-    size = info.size_bytes / (1024 * 1024)
-    how = "up to date" if info.cached else f"built in {info.built_seconds:.1f} s"
-    console.print(f"{info.tag} ({info.id[7:19]}): {how}, {size:.0f} MiB, Python {info.python_version}")
-    return info

@@ -139,17 +139,22 @@ class HostLayout:
         """Find the layout of this host for the running interpreter."""
         import msgpack
 
-        import rayflow
+        from rayflow.sandbox.image import SHIPPED_FILES, SHIPPED_TREES, package_root
 
         prefix = os.path.realpath(sys.base_prefix)
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
         python = os.path.join(prefix, "bin", version)
         if not os.access(python, os.X_OK):
             python = os.path.realpath(sys.executable)
-        packages = tuple(
-            (os.path.realpath(os.path.dirname(module.__file__ or "")), name)
-            for module, name in ((rayflow, "rayflow"), (msgpack, "msgpack"))
-        ) + hub_client_packages()
+        # Of rayflow, exactly what the image ships: the guest, the wire, the package marker and the
+        # errors, so a process sandbox sees the same code as a container would.
+        root = package_root()
+        shipped = tuple((str(root / name), f"rayflow/{name}") for name in (*SHIPPED_FILES, *SHIPPED_TREES))
+        packages = (
+            shipped
+            + ((os.path.realpath(os.path.dirname(msgpack.__file__ or "")), "msgpack"),)
+            + hub_client_packages()
+        )
         dirs, links = [], []
         for path in SYSTEM_DIRS:
             if os.path.islink(path):
@@ -617,9 +622,12 @@ def warm_bytecode(layout: HostLayout) -> None:
     """
     import compileall
 
-    for host_dir, _ in layout.packages:
+    for host_path, _ in layout.packages:
         with contextlib.suppress(OSError):
-            compileall.compile_dir(host_dir, quiet=2, workers=1)
+            if os.path.isdir(host_path):
+                compileall.compile_dir(host_path, quiet=2, workers=1)
+            else:
+                compileall.compile_file(host_path, quiet=2)
 
 
 def _default_channel_factory() -> ChannelFactory:

@@ -40,8 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import rayflow
 from rayflow.errors import TransportError
+from rayflow.sandbox import image
 from rayflow.sandbox.channel_sandbox import ChannelSandbox
 from rayflow.sandbox.spec import OWNER_LABEL, SandboxSpec
 from rayflow.wire.guest_commands import GUEST_PACKAGE
@@ -146,7 +146,7 @@ class ProcessBackend:
 
     # --- internals --------------------------------------------------------------------------
     def _environment(self, spec: SandboxSpec, workdir: str) -> dict[str, str]:
-        package_root = str(Path(rayflow.__file__).resolve().parent.parent)
+        package_root = str(image.package_root().parent)
         env: dict[str, str] = {}
         hub = spec.network.hub
         if hub is not None:

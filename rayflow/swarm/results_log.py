@@ -81,7 +81,7 @@ class RunSummary(ResultCounts):
         self._last_end = end if self._last_end is None else max(self._last_end, end)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able summary a :class:`~rayflow.swarm.report.JobResult` and a report read."""
+        """The JSON-able summary a :class:`~rayflow.views.job_result.JobResult` and a report read."""
         wall = (self._last_end - self._first_start) if self._first_start is not None else 0.0
         return {
             **self.meta,

@@ -21,13 +21,13 @@ from rayflow.sandbox.backend import SandboxBackend
 from rayflow.sandbox.gc import (
     collect_garbage,
     current_process_owner,
-    gc_command,
     owner_alive_by_pid,
     parse_owner,
     process_owner,
     reap_on_startup,
 )
 from rayflow.sandbox.spec import MIB, Limits, SandboxSpec
+from rayflow.views.sandbox_console import gc_command
 from rayflow.wire.procfs import start_time
 
 pytestmark = pytest.mark.integration
@@ -43,6 +43,7 @@ import json, os, sys
 from pathlib import Path
 from rayflow.sandbox.gc import current_process_owner
 from rayflow.sandbox.spec import MIB, Limits, SandboxSpec
+from rayflow.views.sandbox_console import gc_command
 kind, registry = sys.argv[1], Path(sys.argv[2])
 if kind == "process":
     from rayflow.sandbox.process import ProcessBackend

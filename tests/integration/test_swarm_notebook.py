@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from rayflow.swarm.report import COLUMNS
+from rayflow.views.job_result import COLUMNS
 from tests.notebook_support import (
     PNG_SIGNATURE,
     HtmlTable,

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 from rayflow.errors import ConfigError
 
 Mode = Literal["auto", "terminal", "notebook", "log", "silent"]
-logger = logging.getLogger("rayflow.swarm.progress")
+logger = logging.getLogger("rayflow.views.progress")
 
 
 @dataclass

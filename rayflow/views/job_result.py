@@ -21,7 +21,7 @@ from rich.text import Text
 
 from rayflow.errors import InvalidInputError
 from rayflow.swarm.results_log import ResultsLog
-from rayflow.swarm.timeline import Timeline
+from rayflow.views.timeline import Timeline
 from rayflow.wire.subtasks import Pattern, PhaseEvent, SubtaskResult
 from rayflow.wire.synthesis import synthesize_report
 

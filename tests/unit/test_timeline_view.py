@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rayflow.errors import ConfigError
-from rayflow.swarm.timeline import Timeline
+from rayflow.views.timeline import Timeline
 from rayflow.wire.subtasks import Phase, PhaseEvent
 
 T0 = 1_700_000_000.0

@@ -14,9 +14,9 @@ import pytest
 from rich.console import Console
 
 from rayflow.errors import InvalidInputError
-from rayflow.swarm.progress import LogDisplay, NotebookDisplay, ProgressCounts, RunProgress, progress_html
-from rayflow.swarm.report import JobResult, select_rows
 from rayflow.swarm.results_log import ResultsLog
+from rayflow.views.job_result import JobResult, select_rows
+from rayflow.views.progress import LogDisplay, NotebookDisplay, ProgressCounts, RunProgress, progress_html
 from rayflow.wire.subtasks import Pattern, Phase, PhaseEvent, SubtaskResult
 from rayflow.wire.synthesis import synthesize_report
 from tests.swarm_records import T0, subtask_result
@@ -212,7 +212,7 @@ def test_progress_on_a_pipe_is_silent_unless_asked() -> None:
 
 def test_progress_on_a_pipe_logs_every_tenth_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     console = Console(file=io.StringIO(), force_terminal=False)
-    caplog.set_level(logging.INFO, logger="rayflow.swarm.progress")
+    caplog.set_level(logging.INFO, logger="rayflow.views.progress")
     with RunProgress(20, 1000, "logged", console=console, log_every_pct=10) as progress:
         for _ in range(20):
             progress.worker_ready()
