@@ -42,7 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.placement import REGION_LABEL_KEY
-from clusters.config import (
+from clusters.cluster_config import (
     ClusterSpec,
     RegionSpec,
     load_cluster_config,

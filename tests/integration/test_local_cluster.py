@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from clusters.config import ClusterSpec, RegionSpec, load_cluster_config
+from clusters.cluster_config import ClusterSpec, RegionSpec, load_cluster_config
 from clusters.local import ClusterState, driver_env, free_tcp_port, load_state
 from rayflow.errors import ConfigError
 
