@@ -250,7 +250,9 @@ class LinkEmulator:
             if op == "stats":
                 return {"ok": True, **self.stats()}
             between = request.get("between")
-            if not (isinstance(between, list) and len(between) == 2 and all(isinstance(x, str) for x in between)):
+            if not (
+                isinstance(between, list) and len(between) == 2 and all(isinstance(x, str) for x in between)
+            ):
                 raise LinkConfigError("'between' must name two regions")
             a, b = between
             if op == "partition":
@@ -288,7 +290,9 @@ def open_tun(name: str) -> int:
     return fd
 
 
-def control_request(socket_path: str | Path, request: Mapping[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+def control_request(
+    socket_path: str | Path, request: Mapping[str, Any], timeout_s: float = 5.0
+) -> dict[str, Any]:
     """Send one control request to a running emulator and return its answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
@@ -399,7 +403,9 @@ def _answer_control(emulator: LinkEmulator, listener: socket.socket) -> None:
 
 def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", required=True, help="JSON: {regions: {name: cidr}, devices: {name: tun}, links: [...]}")
+    parser.add_argument(
+        "--spec", required=True, help="JSON: {regions: {name: cidr}, devices: {name: tun}, links: [...]}"
+    )
     parser.add_argument("--control", required=True, help="path of the control socket")
     parser.add_argument("--ready-file", default=None, help="written with this pid once packets flow")
     parser.add_argument("--seed", type=int, default=None)

@@ -208,16 +208,40 @@ def setup_commands(fabric: Fabric) -> list[list[str]]:
             in_router("sysctl", "-qw", f"net.ipv4.conf.{region.bridge}.rp_filter=0"),
             # Everything that comes in on this region's bridge for another region goes to the emulator.
             in_router("ip", "route", "add", fabric.subnet, "dev", region.tun, "table", table),
-            in_router("ip", "rule", "add", "iif", region.bridge, "to", fabric.subnet, "lookup", table,
-                      "priority", table),  # fmt: skip
+            in_router(
+                "ip",
+                "rule",
+                "add",
+                "iif",
+                region.bridge,
+                "to",
+                fabric.subnet,
+                "lookup",
+                table,
+                "priority",
+                table,
+            ),  # fmt: skip
         ]
     for node in fabric.nodes:
         region = next(r for r in fabric.regions if r.region == node.region)
         peer = f"{node.router_veth}n"
         cmds += [
             ["ip", "netns", "add", node.namespace],
-            ["ip", "link", "add", node.router_veth, "netns", rt, "type", "veth", "peer", "name", peer,
-             "netns", node.namespace],  # fmt: skip
+            [
+                "ip",
+                "link",
+                "add",
+                node.router_veth,
+                "netns",
+                rt,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                node.namespace,
+            ],  # fmt: skip
             in_router("ip", "link", "set", node.router_veth, "master", region.bridge),
             in_router("ip", "link", "set", node.router_veth, "up"),
             ["ip", "netns", "exec", node.namespace, "ip", "link", "set", peer, "name", "eth0"],

@@ -48,7 +48,9 @@ def test_both_directions_of_a_link_get_the_same_delay() -> None:
 
 
 def test_links_are_independent() -> None:
-    emu = emulator(**{"us-west__eu-central": LinkParams(rtt_ms=40), "us-west__ap-south": LinkParams(rtt_ms=200)})
+    emu = emulator(
+        **{"us-west__eu-central": LinkParams(rtt_ms=40), "us-west__ap-south": LinkParams(rtt_ms=200)}
+    )
     emu.admit(packet(US, AP), now=0.0)
     emu.admit(packet(US, EU), now=0.0)
 
@@ -144,7 +146,10 @@ def test_control_requests_steer_the_links_and_bad_ones_get_an_error() -> None:
     assert emu.link("eu-central", "us-west").rtt_ms == 80
     assert emu.handle_control(b'{"op": "partition", "between": ["us-west", "eu-central"]}')["ok"]
     assert emu.link("us-west", "eu-central").partitioned
-    assert emu.handle_control(b'{"op": "heal", "between": ["us-west", "eu-central"]}')["link"]["partitioned"] is False
+    assert (
+        emu.handle_control(b'{"op": "heal", "between": ["us-west", "eu-central"]}')["link"]["partitioned"]
+        is False
+    )
     stats = emu.handle_control(b'{"op": "stats"}')
     assert stats["ok"] and "eu-central|us-west" in stats["links"]
 
