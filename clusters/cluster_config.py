@@ -29,7 +29,12 @@ MIN_OBJECT_STORE_MB = 75
 # so they follow Ray's label value syntax: alphanumerics with '-', '_' or '.' inside.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 
-_CLUSTER_KEYS = frozenset({"name", "head_port", "object_store_mb", "regions"})
+_CLUSTER_KEYS = frozenset({"name", "head_port", "object_store_mb", "regions", "isolation", "subnet", "links"})
+_LINK_KEYS = frozenset({"between", "rtt_ms", "jitter_ms", "loss"})
+#: How far apart the nodes are: ``none`` (one host's loopback and disk), ``netns`` (each node in
+#: network and mount namespaces of its own; regions joined through the link emulator).
+ISOLATIONS = ("none", "netns")
+DEFAULT_SUBNET = "100.90.0.0/16"
 _REGION_KEYS = frozenset({"name", "nodes", "cpus"})
 
 
@@ -48,6 +53,25 @@ class RegionSpec:
 
 
 @dataclass(frozen=True)
+class LinkSpec:
+    """The emulated link between two regions (isolated clusters only): delay, jitter and loss of
+    every IP packet between them, in both directions."""
+
+    between: tuple[str, str]
+    rtt_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss: float = 0.0
+
+    def to_emulator(self) -> dict[str, Any]:
+        return {
+            "between": list(self.between),
+            "rtt_ms": self.rtt_ms,
+            "jitter_ms": self.jitter_ms,
+            "loss": self.loss,
+        }
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """A whole local cluster; the first node of the first region is the head."""
 
@@ -55,6 +79,9 @@ class ClusterSpec:
     name: str = "rayflow-local"
     head_port: int = 6380
     object_store_mb: int = 150
+    isolation: str = "none"
+    subnet: str = DEFAULT_SUBNET
+    links: tuple[LinkSpec, ...] = ()
 
     @property
     def node_count(self) -> int:
@@ -112,9 +139,85 @@ def parse_cluster_config(data: Any) -> ClusterSpec:
         seen.add(region.name)
         regions.append(region)
 
+    isolation = data.get("isolation", "none")
+    if isolation not in ISOLATIONS:
+        raise ConfigError(
+            f"isolation: must be one of {', '.join(ISOLATIONS)}, got {isolation!r}", key="isolation"
+        )
+    subnet = _subnet(data.get("subnet", DEFAULT_SUBNET))
+    raw_links = data.get("links", [])
+    if not isinstance(raw_links, list):
+        raise ConfigError("links: must be a list of {between: [a, b], rtt_ms, jitter_ms, loss}", key="links")
+    if raw_links and isolation != "netns":
+        raise ConfigError("links: emulated links need `isolation: netns`", key="links")
+    links: list[LinkSpec] = []
+    joined: set[frozenset[str]] = set()
+    for index, raw in enumerate(raw_links):
+        link = _parse_link(raw, seen, where=f"links[{index}]")
+        pair = frozenset(link.between)
+        if pair in joined:
+            raise ConfigError(f"links[{index}]: the link {link.between[0]} - {link.between[1]} is listed twice",
+                              key=f"links[{index}]")  # fmt: skip
+        joined.add(pair)
+        links.append(link)
+
     return ClusterSpec(
-        regions=tuple(regions), name=name, head_port=head_port, object_store_mb=object_store_mb
+        regions=tuple(regions),
+        name=name,
+        head_port=head_port,
+        object_store_mb=object_store_mb,
+        isolation=isolation,
+        subnet=subnet,
+        links=tuple(links),
     )
+
+
+def _subnet(value: Any) -> str:
+    import ipaddress
+
+    try:
+        network = ipaddress.IPv4Network(value)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"subnet: {value!r} is not an IPv4 network such as 100.90.0.0/16", key="subnet"
+        ) from None
+    if (
+        network.prefixlen != 16
+        or not network.is_private
+        and not network.subnet_of(ipaddress.IPv4Network("100.64.0.0/10"))
+    ):
+        raise ConfigError(f"subnet: must be a private or shared-address /16, got {value}", key="subnet")
+    return str(network)
+
+
+def _parse_link(raw: Any, regions: set[str], where: str) -> LinkSpec:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: a link must be a mapping with 'between' and 'rtt_ms'", key=where)
+    _reject_unknown_keys(raw, _LINK_KEYS, where=f"{where}.")
+    between = raw.get("between")
+    if not (isinstance(between, list) and len(between) == 2 and all(isinstance(x, str) for x in between)):
+        raise ConfigError(f"{where}.between: must name two regions", key=f"{where}.between")
+    for name in between:
+        if name not in regions:
+            raise ConfigError(
+                f"{where}.between: {name!r} is not a region of this cluster", key=f"{where}.between"
+            )
+    if between[0] == between[1]:
+        raise ConfigError(f"{where}.between: a link joins two different regions", key=f"{where}.between")
+    return LinkSpec(
+        between=(between[0], between[1]),
+        rtt_ms=_number_in_range(raw.get("rtt_ms", 0.0), f"{where}.rtt_ms", 0.0, 60_000.0),
+        jitter_ms=_number_in_range(raw.get("jitter_ms", 0.0), f"{where}.jitter_ms", 0.0, 60_000.0),
+        loss=_number_in_range(raw.get("loss", 0.0), f"{where}.loss", 0.0, 1.0),
+    )
+
+
+def _number_in_range(value: Any, key: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}", key=key)
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be between {low:g} and {high:g}, got {value}", key=key)
+    return float(value)
 
 
 def _parse_region(raw: Any, where: str) -> RegionSpec:

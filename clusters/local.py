@@ -21,6 +21,7 @@ so that the resource marks the region without limiting how many tasks run there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import secrets
@@ -42,6 +43,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.placement import REGION_LABEL_KEY
+from clusters import link_emulator, netns_fabric
 from clusters.cluster_config import (
     ClusterSpec,
     RegionSpec,
@@ -111,6 +113,8 @@ class NodeRecord:
     is_head: bool
     pid: int
     log_path: str
+    #: The node's own address (isolated clusters); empty when nodes share the host's.
+    address: str = ""
 
     @property
     def node_label(self) -> str:
@@ -126,6 +130,17 @@ class ClusterState:
     address: str
     temp_dir: str
     nodes: tuple[NodeRecord, ...]
+    #: ``none`` or ``netns`` (see :mod:`clusters.cluster_config`).
+    isolation: str = "none"
+    #: The dashboard (and job submission) URL, reachable from the host; empty when not started.
+    dashboard_url: str = ""
+    #: Ray Client address for drivers outside the cluster's nodes (isolated clusters).
+    client_address: str = ""
+    #: The link emulator's pid and control socket (isolated clusters).
+    emulator_pid: int = 0
+    emulator_control: str = ""
+    #: The prefix of every namespace and interface of the cluster's network (isolated clusters).
+    fabric_prefix: str = ""
 
     def save(self, state_dir: Path) -> None:
         """Write the state atomically, so a crash never leaves half a file."""
@@ -145,6 +160,8 @@ class NodeStatus:
     ray_alive: bool
     cpus: float
     region_resource: float
+    #: Ray's id of the node (isolated clusters report it; empty when unknown).
+    node_id: str = ""
 
 
 def load_state(state_dir: Path) -> ClusterState | None:
@@ -153,8 +170,8 @@ def load_state(state_dir: Path) -> ClusterState | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
-    nodes = tuple(NodeRecord(**node) for node in data["nodes"])
-    return ClusterState(name=data["name"], address=data["address"], temp_dir=data["temp_dir"], nodes=nodes)
+    data["nodes"] = tuple(NodeRecord(**node) for node in data["nodes"])
+    return ClusterState(**data)
 
 
 def default_state_dir(spec: ClusterSpec) -> Path:
@@ -167,6 +184,8 @@ def up(spec: ClusterSpec, state_dir: Path, timeout_s: float = 120.0) -> ClusterS
     """Start the head, then every other node, and wait until Ray sees all of them alive.
 
     On any failure the nodes already started are stopped again before the error is raised.
+    With ``isolation: netns`` every node runs in network and mount namespaces of its own (see
+    :func:`_up_isolated`).
     """
     state_dir = Path(state_dir)
     previous = load_state(state_dir)
@@ -177,7 +196,10 @@ def up(spec: ClusterSpec, state_dir: Path, timeout_s: float = 120.0) -> ClusterS
                 "run `down` first",
                 state_dir=str(state_dir),
             )
+        _stop_nodes(previous, grace_s=0.0)
         _forget(previous, state_dir)
+    if spec.isolation == "netns":
+        return _up_isolated(spec, state_dir, timeout_s)
 
     if not _port_is_free(spec.head_port):
         raise ConfigError(
@@ -268,6 +290,223 @@ def _launch_node(
     )
 
 
+# --- isolated nodes: network and mount namespaces of their own ----------------------------------
+#: Where a node's private ``/tmp`` lives on the host (under the cluster's state directory), bound
+#: over ``/tmp`` inside the node's mount namespace: Ray's session directory and rayflow's state go
+#: there, invisible to every other node.
+NODE_ROOTS = "nodes"
+#: The dashboard and Ray Client ports of an isolated head (each node has its own addresses, so
+#: Ray's usual ports cannot collide).
+ISOLATED_DASHBOARD_PORT = 8265
+ISOLATED_CLIENT_PORT = 10001
+#: Ray's temp dir inside every isolated node (short: Ray's unix socket paths must stay < 108 bytes).
+ISOLATED_TEMP_DIR = "/tmp/rf"
+
+
+def _up_isolated(spec: ClusterSpec, state_dir: Path, timeout_s: float) -> ClusterState:
+    """Network namespaces, bridges, the link emulator, then the nodes, each in its namespaces.
+
+    Leftovers of a crashed run of the same cluster (namespaces, interfaces named with its prefix)
+    are removed first. Needs root (namespaces, TUN devices, bind mounts).
+    """
+    if os.geteuid() != 0:
+        raise ConfigError("an isolated cluster (isolation: netns) needs root", key="isolation")
+    fabric = netns_fabric.plan_fabric(spec.name, [(r.name, r.nodes) for r in spec.regions], spec.subnet)
+    netns_fabric.teardown(fabric.prefix)
+    ray_cli = _ray_cli()
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    temp_marker = f"{ISOLATED_TEMP_DIR}-{fabric.prefix}"
+    deadline = time.monotonic() + timeout_s
+    head_net = fabric.nodes[0]
+    state = ClusterState(
+        spec.name,
+        f"{head_net.address}:{spec.head_port}",
+        temp_marker,
+        (),
+        isolation="netns",
+        dashboard_url=f"http://{head_net.address}:{ISOLATED_DASHBOARD_PORT}",
+        client_address=f"ray://{head_net.address}:{ISOLATED_CLIENT_PORT}",
+        emulator_control=str(state_dir / "link-emulator.sock"),
+        fabric_prefix=fabric.prefix,
+    )
+    state.save(state_dir)
+    try:
+        netns_fabric.apply(fabric)
+        (state_dir / "fabric.json").write_text(fabric.to_json(), encoding="utf-8")
+        emulator_pid = _start_emulator(spec, fabric, state_dir, log_dir, deadline)
+        state = dataclasses.replace(state, emulator_pid=emulator_pid)
+        state.save(state_dir)
+        started: list[NodeRecord] = []
+        for node_net in fabric.nodes:
+            region = next(r for r in spec.regions if r.name == node_net.region)
+            record = _launch_isolated_node(ray_cli, spec, region, node_net, log_dir, state_dir, temp_marker,
+                                           head=None if not started else head_net.address)  # fmt: skip
+            started.append(record)
+            state = dataclasses.replace(state, nodes=tuple(started))
+            state.save(state_dir)
+            if len(started) == 1:
+                _wait_for_tcp(head_net.address, spec.head_port, record, temp_marker, deadline)
+        _wait_for_dashboard_nodes(state, spec.node_count, deadline)
+    except BaseException:
+        _stop_nodes(state, grace_s=5.0)
+        _forget(state, state_dir)
+        raise
+    return state
+
+
+def _start_emulator(
+    spec: ClusterSpec, fabric: netns_fabric.Fabric, state_dir: Path, log_dir: Path, deadline: float
+) -> int:
+    spec_path = state_dir / "link-emulator.json"
+    spec_path.write_text(json.dumps(fabric.emulator_spec([link.to_emulator() for link in spec.links])))
+    ready = state_dir / "link-emulator.ready"
+    ready.unlink(missing_ok=True)
+    command = [
+        "ip", "netns", "exec", fabric.router_namespace, sys.executable, "-m", "clusters.link_emulator",
+        "--spec", str(spec_path), "--control", str(state_dir / "link-emulator.sock"), "--ready-file", str(ready),
+    ]  # fmt: skip
+    process = start_in_own_session(command, log_dir / "link-emulator.log", dict(os.environ), cwd=REPO_ROOT)
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RayflowError(
+                f"the link emulator did not start:\n{_tail(log_dir / 'link-emulator.log')}",
+                log=str(log_dir / "link-emulator.log"),
+            )
+        time.sleep(0.05)
+    return process.pid
+
+
+def _launch_isolated_node(
+    ray_cli: str,
+    spec: ClusterSpec,
+    region: RegionSpec,
+    net: netns_fabric.NodeNet,
+    log_dir: Path,
+    state_dir: Path,
+    temp_dir: str,
+    head: str | None,
+) -> NodeRecord:
+    labels = f"{REGION_LABEL_KEY}={region.name},{NODE_LABEL_KEY}={region.name}-{net.index}"
+    root = state_dir / NODE_ROOTS / f"{region.name}-{net.index}"
+    private_tmp = root / "tmp"
+    shutil.rmtree(root, ignore_errors=True)
+    private_tmp.mkdir(parents=True, mode=0o1777)
+    os.chmod(private_tmp, 0o1777)
+    ray = [
+        ray_cli, "start", "--block", "--disable-usage-stats", "--log-style=record", "--log-color=false",
+        f"--temp-dir={temp_dir}", f"--node-ip-address={net.address}", f"--num-cpus={region.cpus}", "--num-gpus=0",
+        f"--resources={json.dumps({region.resource: 1})}", f"--labels={labels}",
+        f"--object-store-memory={spec.object_store_mb * 1024 * 1024}",
+    ]  # fmt: skip
+    if head is None:
+        ray += [
+            "--head", f"--port={spec.head_port}", "--include-dashboard=true", "--dashboard-host=0.0.0.0",
+            f"--dashboard-port={ISOLATED_DASHBOARD_PORT}", f"--ray-client-server-port={ISOLATED_CLIENT_PORT}",
+        ]  # fmt: skip
+    else:
+        ray.append(f"--address={head}:{spec.head_port}")
+    # A mount namespace of the node's own in which its private directory is /tmp: Ray's session,
+    # rayflow's state (RAYFLOW_STATE_DIR) and everything else a process puts in /tmp stay on it.
+    command = [
+        "ip", "netns", "exec", net.namespace, "unshare", "--mount", "--propagation", "private", "--",
+        "sh", "-c", 'mount --bind "$0" /tmp && exec "$@"', str(private_tmp), *ray,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        **_RAY_ENV,
+        **_token_by_value(cluster_auth_env(state_dir)),
+        "RAYFLOW_STATE_DIR": "/tmp/rayflow-state",
+        "TMPDIR": "/tmp",
+        # A job's entrypoint (`python ...`) runs with the node's PATH: the environment the node
+        # runs from comes first, as on a host built from one image.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    log_path = log_dir / f"{region.name}-{net.index}.log"
+    process = start_in_own_session(command, log_path, env, cwd=REPO_ROOT)
+    return NodeRecord(
+        region=region.name, index=net.index, is_head=head is None, pid=process.pid,
+        log_path=str(log_path), address=net.address,
+    )  # fmt: skip
+
+
+def _token_by_value(auth: Mapping[str, str]) -> dict[str, str]:
+    """The auth settings with the token itself rather than its path: a node's private /tmp may
+    hide the host path (a state directory under /tmp), as a real node would not have it either."""
+    out = dict(auth)
+    path = out.pop("RAY_AUTH_TOKEN_PATH", None)
+    if path is not None:
+        out["RAY_AUTH_TOKEN"] = Path(path).read_text(encoding="utf-8").strip()
+    return out
+
+
+def _wait_for_tcp(host: str, port: int, node: NodeRecord, temp_dir: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            pass
+        _require_running(node, temp_dir)
+        time.sleep(0.2)
+    raise RayflowError(f"the head node did not come up in time; see {node.log_path}", log=node.log_path)
+
+
+def dashboard_nodes(dashboard_url: str, state_dir: Path) -> list[dict[str, Any]]:
+    """Every node the cluster knows, from its dashboard (the host needs no Ray node of its own)."""
+    with driver_env(state_dir):
+        # Imported inside: Ray reads the auth settings when it is first imported.
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=dashboard_url, detail=True, timeout=10, raise_on_missing_output=False)
+    return [
+        {
+            "node_id": node.node_id,
+            "address": node.node_ip,
+            "alive": node.state == "ALIVE",
+            "labels": dict(node.labels or {}),
+            "resources": dict(node.resources_total or {}),
+            "is_head": bool(node.is_head_node),
+        }
+        for node in nodes
+    ]
+
+
+def _wait_for_dashboard_nodes(state: ClusterState, expected: int, deadline: float) -> None:
+    state_dir = Path(state.emulator_control).parent
+    last_error = ""
+    while time.monotonic() < deadline:
+        for node in state.nodes:
+            _require_running(node, state.temp_dir)
+        try:
+            alive = [n for n in dashboard_nodes(state.dashboard_url, state_dir) if n["alive"]]
+            if len({n["labels"].get(NODE_LABEL_KEY) for n in alive} - {None}) >= expected:
+                return
+        except Exception as exc:  # noqa: BLE001 - the dashboard answers only once it is up
+            last_error = f"{type(exc).__name__}: {exc}"
+        time.sleep(1.0)
+    raise RayflowError(
+        f"not all {expected} nodes joined in time ({last_error or 'too few alive'}); logs in "
+        f"{Path(state.nodes[0].log_path).parent if state.nodes else state_dir}",
+    )
+
+
+def set_link(state_dir: Path, op: str, a: str, b: str, **params: float) -> dict[str, Any]:
+    """``partition``, ``heal`` or ``set`` the link between regions ``a`` and ``b`` of a running cluster."""
+    state = load_state(Path(state_dir))
+    if state is None or state.isolation != "netns":
+        raise ConfigError(f"no isolated cluster is recorded in {state_dir}", state_dir=str(state_dir))
+    try:
+        answer = link_emulator.control_request(
+            state.emulator_control, {"op": op, "between": [a, b], **params}
+        )
+    except OSError as exc:
+        raise RayflowError(f"the link emulator does not answer: {exc}") from None
+    if not answer.get("ok"):
+        raise ConfigError(str(answer.get("error")), op=op)
+    return answer
+
+
 def _wait_for_head_address(head: NodeRecord, temp_dir: str, deadline: float) -> str:
     # `ray start` writes the cluster address into its temp dir once the head is up.
     address_file = Path(temp_dir) / "ray_current_cluster"
@@ -323,7 +562,17 @@ def status(state_dir: Path) -> list[NodeStatus]:
         raise ConfigError(f"no cluster is recorded in {state_dir}; run `up` first", state_dir=str(state_dir))
     running = {node.pid: _is_our_process(node.pid, state.temp_dir) for node in state.nodes}
     ray_view: dict[str, tuple[bool, dict[str, float]]] = {}
-    if any(running.values()) and state.address:
+    node_ids: dict[str, str] = {}
+    if any(running.values()) and state.isolation == "netns":
+        try:
+            for node in dashboard_nodes(state.dashboard_url, Path(state_dir)):
+                label = node["labels"].get(NODE_LABEL_KEY)
+                if label and (node["alive"] or label not in ray_view):
+                    ray_view[label] = (node["alive"], node["resources"])
+                    node_ids[label] = node["node_id"]
+        except Exception:  # noqa: BLE001 - a cluster whose dashboard is down shows every node absent
+            ray_view = {}
+    elif any(running.values()) and state.address:
         with driver_env(state_dir):
             import ray
 
@@ -342,6 +591,7 @@ def status(state_dir: Path) -> list[NodeStatus]:
                 ray_alive=alive,
                 cpus=resources.get("CPU", 0.0),
                 region_resource=resources.get(f"region:{node.region}", 0.0),
+                node_id=node_ids.get(node.node_label, ""),
             )
         )
     return result
@@ -386,7 +636,22 @@ def _stop_nodes(state: ClusterState, grace_s: float = 30.0) -> int:
 
 
 def _forget(state: ClusterState, state_dir: Path) -> None:
-    shutil.rmtree(state.temp_dir, ignore_errors=True)
+    """Remove what the cluster left on the host: temp dir, and for an isolated cluster its link
+    emulator, namespaces, interfaces, routes and the nodes' private directories."""
+    if state.isolation == "netns":
+        if state.emulator_pid and _process_running(state.emulator_pid):
+            _signal(state.emulator_pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5.0
+            while _process_running(state.emulator_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _signal(state.emulator_pid, signal.SIGKILL)
+        if state.fabric_prefix:
+            netns_fabric.teardown(state.fabric_prefix)
+        shutil.rmtree(state_dir / NODE_ROOTS, ignore_errors=True)
+        for name in ("link-emulator.sock", "link-emulator.json", "link-emulator.ready", "fabric.json"):
+            (state_dir / name).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
     (state_dir / STATE_FILE_NAME).unlink(missing_ok=True)
 
 
@@ -521,11 +786,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clusters.local", description="A multi-region Ray cluster on this machine."
     )
-    parser.add_argument("command", choices=["up", "status", "down"])
+    parser.add_argument("command", choices=["up", "status", "down", "partition", "heal"])
+    parser.add_argument(
+        "regions", nargs="*", help="partition/heal: the two regions whose link is cut or healed"
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="cluster config (YAML)")
     parser.add_argument("--state-dir", type=Path, default=None, help="where state and node logs go")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds `up` waits for all nodes")
+    parser.add_argument("--json", action="store_true", help="status: print JSON (addresses, nodes, regions)")
     args = parser.parse_args(argv)
+    if args.command in ("partition", "heal") and len(args.regions) != 2:
+        parser.error(f"{args.command} takes two regions, e.g. `{args.command} us-west eu-central`")
+    if args.command not in ("partition", "heal") and args.regions:
+        parser.error(f"{args.command} takes no regions")
 
     try:
         spec = load_cluster_config(args.config)
@@ -535,17 +808,66 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cluster {state.name!r} is up with {len(state.nodes)} nodes at {state.address}")
             auth = cluster_auth_env(state_dir)
             exports = " ".join(f"{key}={value}" for key, value in auth.items())
-            print(f"  connect with: {exports} and ray.init(address={state.address!r})")
+            if state.isolation == "netns":
+                print(f"  dashboard:    {state.dashboard_url}")
+                print(
+                    f"  submit with:  {exports} ray job submit --address {state.dashboard_url} -- <command>"
+                )
+                print(f"  ray client:   {state.client_address}")
+                for node in state.nodes:
+                    print(f"  node {node.node_label:<20} {node.address}")
+            else:
+                print(f"  connect with: {exports} and ray.init(address={state.address!r})")
             print(f"  node logs:    {state_dir / 'logs'}")
             return 0
         if args.command == "status":
-            return _print_status(state_dir)
+            return _print_status_json(state_dir) if args.json else _print_status(state_dir)
+        if args.command in ("partition", "heal"):
+            answer = set_link(state_dir, args.command, *args.regions)
+            print(
+                f"{args.command}: {args.regions[0]} <-> {args.regions[1]}: {json.dumps(answer.get('link'))}"
+            )
+            return 0
         stopped = down(state_dir)
         print(f"stopped {stopped} running node(s) of the cluster recorded in {state_dir}")
         return 0
     except RayflowError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+
+
+def _print_status_json(state_dir: Path) -> int:
+    nodes = status(state_dir)
+    state = load_state(state_dir)
+    if state is None:
+        raise ConfigError(f"the cluster recorded in {state_dir} went down while being inspected")
+    print(
+        json.dumps(
+            {
+                "name": state.name,
+                "isolation": state.isolation,
+                "address": state.address,
+                "dashboard_url": state.dashboard_url,
+                "client_address": state.client_address,
+                "regions": sorted({node.record.region for node in nodes}),
+                "nodes": [
+                    {
+                        "node_id": node.node_id,
+                        "label": node.record.node_label,
+                        "region": node.record.region,
+                        "address": node.record.address,
+                        "head": node.record.is_head,
+                        "running": node.process_running,
+                        "alive": node.ray_alive,
+                        "cpus": node.cpus,
+                    }
+                    for node in nodes
+                ],
+            },
+            indent=2,
+        )
+    )
+    return 0 if all(node.process_running and node.ray_alive for node in nodes) else 1
 
 
 def _print_status(state_dir: Path) -> int:

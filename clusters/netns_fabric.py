@@ -37,10 +37,9 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from clusters.cluster_config import DEFAULT_SUBNET
 from rayflow.errors import ConfigError, RayflowError
 
-#: The /16 that isolated clusters take their addresses from unless the config names another.
-DEFAULT_SUBNET = "100.90.0.0/16"
 #: Third octet of the host link (a /30 at ``N.255.0``).
 HOST_LINK_OCTET = 255
 #: First host number of a region's nodes (``N.r.10``, ``N.r.11``, ...); ``.1`` is the router.
