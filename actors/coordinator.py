@@ -21,15 +21,14 @@ from rayflow.sandbox.select import probe_engine, select_backend
 from rayflow.swarm.coordinator_core import CoordinatorCore, HubSession, start_step_core
 from rayflow.swarm.dispatch_loop import RunStats
 from rayflow.swarm.job import Job
-from rayflow.swarm.worker_core import HubAccess, WorkerCore, WorkerPlan, sandbox_profile
+from rayflow.swarm.worker_core import WorkerCore, WorkerPlan, sandbox_profile
 from rayflow.wire.subtasks import Pattern
 
 
 def hub_session(hub_region: str, tenant: str) -> HubSession:
     """How to reach the region's hub replica and mint tokens for ``tenant``."""
     endpoint = ray.get(get_hub_replica(hub_region).endpoint.remote())
-    access = HubAccess(endpoint["host"], int(endpoint["port"]), bytes(endpoint["ca_pem"]))
-    return HubSession(access, token_minter(hub_region, tenant))
+    return HubSession(endpoint, token_minter(hub_region, tenant))
 
 
 def docker_engine_answers() -> bool:
@@ -49,7 +48,7 @@ class Coordinator:
 
     @staticmethod
     def _step_key(job: Job, hub: HubSession | None) -> tuple[Any, ...]:
-        plan = WorkerPlan.for_job(job, hub.access if hub is not None else None)
+        plan = WorkerPlan.for_job(job, hub.endpoint if hub is not None else None)
         return (job.backend, job.tenant, sandbox_profile(plan.spec))
 
     def prewarm_steps(self, job: Job, hub_region: str | None = None) -> None:
@@ -59,7 +58,7 @@ class Coordinator:
         if key in self._warm_steps:
             return
         create = select_backend(job.backend, allow_unisolated=job.backend == "process").create
-        plan = WorkerPlan.for_job(job, hub.access if hub is not None else None)
+        plan = WorkerPlan.for_job(job, hub.endpoint if hub is not None else None)
         self._warm_steps[key], _ = start_step_core(plan, create, hub)
 
     def close(self) -> None:
@@ -97,7 +96,7 @@ class Coordinator:
                 plan,
                 backend=job.backend,
                 cpus=cpus,
-                hub=hub.access if hub is not None else None,
+                hub=hub.endpoint if hub is not None else None,
                 hub_region=hub_region,
                 tenant=job.tenant,
                 region=region,

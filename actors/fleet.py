@@ -21,7 +21,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.hub_replica import RAY_NAMESPACE
 from actors.placement import pin_to_region
 from actors.sandbox_worker import SandboxWorker
-from rayflow.swarm.worker_core import HubAccess, WorkerPlan
+from rayflow.swarm.worker_core import WorkerPlan
+from rayflow.wire.hub_endpoint import HubEndpoint
 from rayflow.wire.subtasks import PhaseEvent, Subtask, SubtaskResult
 
 log = logging.getLogger("rayflow.actors.fleet")
@@ -77,7 +78,7 @@ class RayFleet:
         *,
         backend: str,
         cpus: float,
-        hub: HubAccess | None = None,
+        hub: HubEndpoint | None = None,
         hub_region: str | None = None,
         tenant: str = "default",
         region: str | None = None,

@@ -16,6 +16,7 @@ import ray
 
 from actors.placement import pin_to_region
 from rayflow.hub.server import HubServer
+from rayflow.wire.hub_endpoint import HubEndpoint
 
 #: Ray namespace of rayflow's named actors.
 RAY_NAMESPACE = "rayflow"
@@ -50,18 +51,14 @@ class HubReplica:
         """The CA certificate clients pin."""
         return (await self._ready()).ca_pem
 
-    async def endpoint(self) -> dict[str, Any]:
-        """Everything a worker needs to connect: address, CA, region and node."""
-        server = await self._ready()
-        host, port = server.address
-        return {
-            "host": host,
-            "port": port,
-            "ca_pem": server.ca_pem,
-            "region": self._region,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "replica_id": server.bank.store.replica_id,
-        }
+    async def endpoint(self) -> HubEndpoint:
+        """Everything a worker needs to connect: the address, the CA to pin, the region."""
+        return (await self._ready()).endpoint
+
+    async def node_id(self) -> str:
+        """The Ray node this replica runs on (its bank and state directory are on that node's disk)."""
+        await self._ready()
+        return ray.get_runtime_context().get_node_id()
 
     async def issue_token(
         self, sub: str, tenant: str, namespaces: list[str], scopes: list[str], ttl_s: int | None = None

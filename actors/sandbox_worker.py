@@ -1,12 +1,15 @@
-"""``SandboxWorker``: a Ray actor that owns exactly one sandbox for its whole life.
+"""``SandboxWorker``: a Ray actor that owns one sandbox at a time: for its whole life, or per subtask.
 
 A thin shell over :class:`rayflow.swarm.worker_core.WorkerCore`: the constructor provisions the sandbox
 (so the actor is "ready" when its sandbox is), ``run`` executes one subtask at a time (the actor
-has a single thread of execution), ``shutdown`` destroys the sandbox and ends the actor. Tokens are
+has a single thread of execution), ``shutdown`` destroys the sandbox and ends the actor. With the
+job's ``isolation="subtask"`` (carried by the plan) each subtask gets a fresh sandbox while the
+core's pool prepares the next in a background thread of this actor; ``shutdown`` then destroys
+both, the one in use and the one prepared or being prepared. Tokens are
 minted by the region's :class:`~actors.hub_replica.HubReplica`, which holds the signing keys; the
-worker never sees a key. If the actor dies without ``shutdown`` (killed, node lost), its sandbox
-stays labelled with this process as owner, and the garbage collector the coordinator runs
-(:func:`actors.fleet.collect_garbage_on_nodes`) removes it once this process is gone.
+worker never sees a key. If the actor dies without ``shutdown`` (killed, node lost), its sandboxes
+stay labelled with this process as owner, and the garbage collector the coordinator runs
+(:func:`actors.fleet.collect_garbage_on_nodes`) removes them once this process is gone.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import ray
 from actors.hub_replica import get_hub_replica
 from rayflow.auth.claims import Scope
 from rayflow.sandbox.select import select_backend
-from rayflow.swarm.worker_core import HubAccess, WorkerCore, WorkerPlan
+from rayflow.swarm.worker_core import WorkerCore, WorkerPlan
+from rayflow.wire.hub_endpoint import HubEndpoint
 from rayflow.wire.subtasks import Subtask
 
 log = logging.getLogger("rayflow.actors.sandbox_worker")
@@ -38,14 +42,14 @@ def token_minter(hub_region: str, tenant: str) -> Any:
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class SandboxWorker:
-    """One worker, one sandbox. Create it through :class:`actors.fleet.RayFleet`."""
+    """One worker, one sandbox in use at a time. Create it through :class:`actors.fleet.RayFleet`."""
 
     def __init__(
         self,
         worker_id: str,
         plan: WorkerPlan,
         backend: str,
-        hub: HubAccess | None = None,
+        hub: HubEndpoint | None = None,
         hub_region: str | None = None,
         tenant: str = "default",
     ) -> None:
@@ -78,7 +82,7 @@ class SandboxWorker:
         return {"result": result.to_dict(), "events": [event.to_dict() for event in events]}
 
     def shutdown(self) -> None:
-        """Destroy the sandbox, then end this actor."""
+        """Destroy the sandbox (with subtask isolation: also the one being prepared), then end this actor."""
         try:
             self._core.close()
             # Backends that remove in the background (Docker) finish before the process goes.

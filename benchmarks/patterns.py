@@ -6,7 +6,7 @@ QUIC, run through the real swarm on a local Ray cluster:
 
 * ``native``: workers on the process backend (no isolation), started before the job as a native
   swarm keeps its agents running: the baseline of the same run;
-* ``a_warm``: pattern A, sandboxed workers taken from a warm pool (started before the job);
+* ``a_warm``: pattern A, sandboxed workers started before the job (``Swarm.prewarm``) and adopted;
 * ``a_cold``: pattern A, every sandbox created when the job asks for it;
 * ``b``: pattern B, workers warm and the coordinator's decomposition and synthesis in a sandbox
   of its own (memory only over QUIC).

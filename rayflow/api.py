@@ -28,6 +28,7 @@ from typing import Any
 
 from rayflow.config import load_config
 from rayflow.swarm.job import Job
+from rayflow.wire.hub_endpoint import HubEndpoint
 
 log = logging.getLogger("rayflow.api")
 
@@ -103,7 +104,7 @@ class Swarm:
         ray.get(actor.endpoint.remote())
         return actor
 
-    def endpoint(self) -> dict[str, Any]:
+    def endpoint(self) -> HubEndpoint:
         """The hub's address, CA and region (for a notebook that wants its own client)."""
         import ray
 
@@ -112,29 +113,26 @@ class Swarm:
     def _warm_key(self, job: Job) -> tuple[Any, ...]:
         from rayflow.swarm.worker_core import WorkerPlan, sandbox_profile
 
-        plan = WorkerPlan.for_job(job, self._hub_access())
-        return (job.backend, job.tenant, sandbox_profile(plan.spec))
-
-    def _hub_access(self) -> Any:
-        from rayflow.swarm.worker_core import HubAccess
-
-        endpoint = self.endpoint()
-        return HubAccess(endpoint["host"], int(endpoint["port"]), bytes(endpoint["ca_pem"]))
+        plan = WorkerPlan.for_job(job, self.endpoint())
+        # A worker's isolation is fixed when it starts (WorkerCore.adopt refuses another).
+        return (job.backend, job.tenant, job.isolation, sandbox_profile(plan.spec))
 
     def prewarm(self, job: Job, count: int | None = None, *, wait: bool = True) -> int:
         """Start ``count`` (default ``job.workers``) workers for jobs like ``job`` ahead of time.
 
         Their sandboxes are created now, so a later ``run`` of a job with ``warm_pool=True`` and the
-        same sandbox profile (backend, tenant, image, limits, network) skips the cold start. Each warm
-        worker serves one job only and is then destroyed; returns how many are waiting. Warm workers
-        hold their Ray resources (CPU) while they wait, so prewarm only what the next job will use.
+        same sandbox profile (backend, tenant, isolation, image, limits, network) skips the cold
+        start. Each warm worker serves one job only and is then destroyed; returns how many are
+        waiting. Warm workers hold their Ray resources (CPU) while they wait, so prewarm only what
+        the next job will use. With ``isolation="subtask"`` a warm worker's pool has its next
+        sandbox prepared too.
         """
         import ray
 
         from actors.fleet import RayFleet
         from rayflow.swarm.worker_core import WorkerPlan
 
-        hub = self._hub_access()
+        hub = self.endpoint()
         fleet = RayFleet(
             WorkerPlan.for_job(job, hub),
             backend=job.backend,

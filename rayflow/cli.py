@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 memory_app = typer.Typer(no_args_is_help=True, help="Work with a local ReasoningBank.")
 app.add_typer(memory_app, name="memory")
-hub_app = typer.Typer(no_args_is_help=True, help="Run a ReasoningBank hub.")
+hub_app = typer.Typer(no_args_is_help=True, help="Run a ReasoningBank hub; list the ops it serves.")
 app.add_typer(hub_app, name="hub")
 token_app = typer.Typer(no_args_is_help=True, help="Issue and revoke hub tokens (on the hub's host).")
 app.add_typer(token_app, name="token")
@@ -236,6 +236,25 @@ def hub_serve(
             console.print("stopping")
 
     asyncio.run(serve())
+
+
+@hub_app.command("ops")
+def hub_ops(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the ops a hub serves: token scope, 0-RTT safety, arguments (name? = optional), purpose."""
+    from rayflow.wire.hub_ops import describe_ops, format_args
+
+    rows = describe_ops()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"hub ops ({len(rows)})")
+    for column in ("op", "scope", "0-RTT", "arguments", "what it does"):
+        table.add_column(column)
+    for row in rows:
+        early = "yes" if row["idempotent"] else "no"
+        arguments = format_args(row["args"]) or "-"
+        table.add_row(row["op"], row["scope"], early, escape(arguments), escape(row["summary"]))
+    console.print(table)
 
 
 @token_app.command("issue")

@@ -52,15 +52,14 @@ from pathlib import Path
 from typing import Any
 
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
+from rayflow.wire.hub_endpoint import REQUIRED_ENV, TOKEN_ENV, HubEndpoint
 from rayflow.wire.procfs import own_group_options
 from rayflow.wire.targets import load_callable
 
 #: Bytes of an agent's own stdout/stderr kept in the result.
 RESULT_OUTPUT_BYTES = 1024 * 1024
-HUB_ENV = ("RAYFLOW_HUB_HOST", "RAYFLOW_HUB_PORT", "RAYFLOW_HUB_CA", "RAYFLOW_HUB_TOKEN")
-#: Optional: the name the hub's certificate is checked against.
-HUB_SERVER_NAME_ENV = "RAYFLOW_HUB_SERVER_NAME"
-DEFAULT_HUB_SERVER_NAME = "localhost"
+#: The variables memory needs (``RAYFLOW_HUB_SERVER_NAME`` is optional).
+HUB_ENV = (*REQUIRED_ENV, TOKEN_ENV)
 
 
 @dataclass(frozen=True)
@@ -154,47 +153,22 @@ class AgentContext:
 class HubSettings:
     """Where the hub is and how this sandbox proves itself to it, read from ``RAYFLOW_HUB_*``."""
 
-    host: str
-    port: int
-    ca_pem: bytes
+    endpoint: HubEndpoint
     token: str
-    server_name: str = DEFAULT_HUB_SERVER_NAME
 
 
 def hub_settings(env: Mapping[str, str]) -> HubSettings:
     """The hub settings from the ``RAYFLOW_HUB_*`` variables; ConfigError if incomplete or unusable.
 
-    ``RAYFLOW_HUB_CA`` is PEM text when it holds a ``-----BEGIN`` marker (a worker can pass the
-    certificate itself in the environment, with no file to place in the sandbox), otherwise the
-    path of a PEM file.
+    The endpoint is :meth:`HubEndpoint.from_env`'s (``RAYFLOW_HUB_CA`` is PEM text when it holds a
+    ``-----BEGIN`` marker, otherwise the path of a PEM file); the token is ``RAYFLOW_HUB_TOKEN``.
+    Every missing variable, the token's included, is named in one error.
     """
     missing = [name for name in HUB_ENV if not env.get(name, "").strip()]
     if missing:
         names = ", ".join(missing)
         raise ConfigError(f"this sandbox has no hub configured (missing {names})", missing=names)
-    try:
-        port = int(env["RAYFLOW_HUB_PORT"])
-    except ValueError:
-        raise ConfigError("RAYFLOW_HUB_PORT must be a port number") from None
-    if not 0 < port < 65536:
-        raise ConfigError("RAYFLOW_HUB_PORT must be a port number", port=port)
-    ca = env["RAYFLOW_HUB_CA"]
-    if "-----BEGIN" in ca:
-        ca_pem = ca.strip().encode() + b"\n"
-    else:
-        try:
-            ca_pem = Path(ca).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"RAYFLOW_HUB_CA names no readable PEM file: {exc.strerror}", path=ca) from None
-        if b"-----BEGIN" not in ca_pem:
-            raise ConfigError("RAYFLOW_HUB_CA names a file that holds no PEM certificate", path=ca)
-    return HubSettings(
-        host=env["RAYFLOW_HUB_HOST"].strip(),
-        port=port,
-        ca_pem=ca_pem,
-        token=env["RAYFLOW_HUB_TOKEN"].strip(),
-        server_name=env.get(HUB_SERVER_NAME_ENV, "").strip() or DEFAULT_HUB_SERVER_NAME,
-    )
+    return HubSettings(HubEndpoint.from_env(env), env[TOKEN_ENV].strip())
 
 
 def connect_memory(env: Mapping[str, str]) -> Any:
@@ -211,13 +185,7 @@ def connect_memory(env: Mapping[str, str]) -> Any:
             f"this sandbox image has no hub client ({exc.name or exc} is missing); "
             "build it with the hub client to use memory"
         ) from None
-    return SyncHubClient(
-        settings.host,
-        settings.port,
-        ca_pem=settings.ca_pem,
-        token=settings.token,
-        server_name=settings.server_name,
-    )
+    return SyncHubClient.for_endpoint(settings.endpoint, token=settings.token)
 
 
 def run_shell_agent(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rayflow.hub.server import HubServer
+from rayflow.wire.hub_endpoint import TOKEN_ENV, HubEndpoint
 
 T = TypeVar("T")
 READ_WRITE = ("reasoningbank:read", "reasoningbank:write")
@@ -53,19 +54,17 @@ class BackgroundHub:
     def ca_pem(self) -> bytes:
         return self.server.ca_pem
 
+    @property
+    def endpoint(self) -> HubEndpoint:
+        return self.server.endpoint
+
     def issue_token(self, sub: str, tenant: str, namespaces: Sequence[str],
                     scopes: Sequence[str] = READ_WRITE, ttl_s: int | None = None) -> str:
         return self.server.issue_token(sub, tenant, list(namespaces), list(scopes), ttl_s)
 
     def sandbox_env(self, token: str) -> dict[str, str]:
         """The ``RAYFLOW_HUB_*`` variables an agent needs to reach this hub from the host's network."""
-        host, port = self.address
-        return {
-            "RAYFLOW_HUB_HOST": host,
-            "RAYFLOW_HUB_PORT": str(port),
-            "RAYFLOW_HUB_CA": self.ca_pem.decode(),
-            "RAYFLOW_HUB_TOKEN": token,
-        }
+        return {**self.endpoint.to_env(), TOKEN_ENV: token}
 
     def close(self) -> None:
         try:

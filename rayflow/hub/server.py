@@ -31,52 +31,15 @@ from rayflow.errors import AuthError, RayflowError
 from rayflow.hub.service import OPS, HubService
 from rayflow.memory.bank import ReasoningBank
 from rayflow.memory.store import AuditRecord
-from rayflow.rpc.dispatch import Arg, CallContext, Dispatcher, optional
+from rayflow.rpc.dispatch import CallContext, Dispatcher
 from rayflow.rpc.quic_server import RpcServer
+from rayflow.wire.hub_endpoint import HubEndpoint
 
 logger = logging.getLogger(__name__)
 
 #: Audit records are flushed when this many are waiting, or after ``AUDIT_FLUSH_S``.
 AUDIT_BATCH = 256
 AUDIT_FLUSH_S = 0.2
-
-_NUMBER = (int, float)
-
-#: Argument specs of each op, checked by the dispatcher before the op runs.
-OP_ARGS: dict[str, dict[str, Arg | type | tuple[type, ...]]] = {
-    "health": {},
-    "stats": {},
-    "search": {
-        "query": optional(str),
-        "embedding": optional(bytes),
-        "k": optional(int),
-        "namespace": optional(str),
-        "domain": optional(str),
-        "outcome": optional(str),
-        "min_confidence": optional(_NUMBER),
-        "mmr_lambda": optional(_NUMBER),
-    },
-    "get": {"id": str},
-    "store_pattern": {
-        "namespace": str,
-        "title": str,
-        "content": str,
-        "description": optional(str),
-        "tags": optional(list),
-        "domain": optional(str),
-        "outcome": optional(str),
-        "confidence": optional(_NUMBER),
-        "source_task": optional(str),
-        "embedding": optional(bytes),
-    },
-    "record_trajectory": {"trajectory": dict},
-    "report_outcome": {"item_ids": list, "success": bool},
-    "consolidate": {"full": optional(bool)},
-    "revoke": {"jti": str, "expires_at": _NUMBER, "reason": optional(str)},
-    "issue_token": {"sub": str, "namespaces": list, "scopes": list, "ttl_s": optional(int)},
-}
-assert set(OP_ARGS) == set(OPS)
-
 
 def signing_keys_path(state_dir: Path) -> Path:
     """The hub's JWT signing key ring under its state directory."""
@@ -120,8 +83,10 @@ class HubServer:
         self._audit_pending: list[AuditRecord] = []
         self._audit_task: asyncio.Task[None] | None = None
         dispatcher = Dispatcher()
+        # Every op of the table (rayflow.wire.hub_ops), checked against its schema, runs the service's
+        # method of the same name.
         for op, info in OPS.items():
-            dispatcher.register(op, self._handler(op), args=OP_ARGS[op], idempotent=info.idempotent)
+            dispatcher.register(op, self._handler(op), args=info.args, idempotent=info.idempotent)
         self.rpc = RpcServer(
             dispatcher,
             host=host,
@@ -162,6 +127,12 @@ class HubServer:
     @property
     def ca_pem(self) -> bytes:
         return self.rpc.ca_pem
+
+    @property
+    def endpoint(self) -> HubEndpoint:
+        """Where clients reach this hub (once started): its bound address, the CA to pin, its region."""
+        host, port = self.address
+        return HubEndpoint(host, port, self.ca_pem, region=self.region)
 
     def issue_token(
         self, sub: str, tenant: str, namespaces: list[str], scopes: list[str], ttl_s: int | None = None

@@ -15,6 +15,10 @@ codebase, so the reduction in attempts (``1 - run2 / memory_off``) is a ratio of
 share their noise. Why a fresh lessons namespace per session: a hub that outlives one demo (a
 long-lived cluster) must not hand run 1 the lessons of an earlier demo.
 
+With ``--matts parallel`` (or ``sequential``) every run scales each module's fix with MaTTS,
+told about the fixing agent by :data:`rayflow.jobs.fixer_profile.FIXER_PROFILE`; the memory-off
+control then stores no contrast lessons either.
+
 Inside ``ray job submit`` the cluster's address comes from ``RAY_ADDRESS``; otherwise a local
 Ray instance is started for the demo.
 """
@@ -38,10 +42,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from rayflow.errors import ConfigError
-from rayflow.swarm.job import BACKENDS, AgentRef, Job, TaskList
+from rayflow.jobs.fixer_profile import FIXER, fixer_matts
+from rayflow.swarm.job import BACKENDS, AgentRef, Job, Matts, TaskList
 from rayflow.wire.subtasks import Phase
 
-FIXER = "rayflow.guest.agents.fixer:fix_module"
 DEFAULT_OUT = Path("rayflow-demo-out")
 DEFAULT_MODULES = 24
 DEFAULT_WORKERS = 2
@@ -84,6 +88,11 @@ class DemoSettings:
     plots: bool = True
     #: Show live progress bars while a job runs.
     progress: bool = True
+    #: Run every module with MaTTS: ``"parallel"`` (``matts_k`` rollouts) or ``"sequential"``
+    #: (up to ``matts_r`` refinements); ``None`` runs each module once.
+    matts: str | None = None
+    matts_k: int = 3
+    matts_r: int = 3
 
     def __post_init__(self) -> None:
         if self.modules < 1:
@@ -92,6 +101,7 @@ class DemoSettings:
             raise ConfigError("the demo needs at least one worker", workers=self.workers)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        demo_matts(self)
 
 
 @dataclass
@@ -130,6 +140,13 @@ def fix_tasks(tasks: Sequence[Mapping[str, str]], *, memory: bool, namespace: st
     ]
 
 
+def demo_matts(settings: DemoSettings) -> Matts | None:
+    """The demo's MaTTS settings: the fixing agent's profile, when the demo was asked to scale."""
+    if settings.matts is None:
+        return None
+    return fixer_matts(settings.matts, k=settings.matts_k, r=settings.matts_r)
+
+
 def demo_job(
     plan: RunPlan,
     name: str,
@@ -139,6 +156,7 @@ def demo_job(
     *,
     workers: int,
     backend: str,
+    matts: Matts | None = None,
 ) -> Job:
     """The job of one run: every module fixed by the fixing agent on a fresh upload of ``codebase``."""
     return Job(
@@ -151,6 +169,7 @@ def demo_job(
         backend=backend,
         workers=workers,
         upload=str(codebase),
+        matts=matts,
     )
 
 
@@ -414,6 +433,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
                 namespace,
                 workers=settings.workers,
                 backend=backend,
+                matts=demo_matts(settings),
             )
             console.rule(f"{plan.label}: {plan.description}")
             result = swarm.run(job, progress=settings.progress)
@@ -469,6 +489,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> DemoSettings:
         "--address", default=None, help="Ray address (default: $RAY_ADDRESS or a local instance)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    parser.add_argument(
+        "--matts", choices=("parallel", "sequential"), default=None, help="scale each module's fix with MaTTS"
+    )
+    parser.add_argument("--matts-k", type=int, default=3, help="parallel MaTTS: rollouts per module")
+    parser.add_argument("--matts-r", type=int, default=3, help="sequential MaTTS: refinements per module")
     args = parser.parse_args(argv)
     return DemoSettings(
         modules=args.modules,
@@ -478,6 +503,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> DemoSettings:
         out=args.out,
         address=args.address,
         progress=not args.no_progress,
+        matts=args.matts,
+        matts_k=args.matts_k,
+        matts_r=args.matts_r,
     )
 
 

@@ -5,9 +5,10 @@ requests onto handlers, ``tls`` makes the certificates, ``server`` and ``client`
 shells around them.
 """
 
-from rayflow.rpc.dispatch import Arg, CallContext, Dispatcher, optional
+from rayflow.rpc.dispatch import CallContext, Dispatcher
 from rayflow.rpc.quic_server import RpcServer
 from rayflow.rpc.tls import ServerTlsFiles, ensure_server_tls
+from rayflow.wire.op_schema import Arg, optional
 from rayflow.wire.rpc_client import HandshakeInfo, RpcClient, SyncRpcClient
 from rayflow.wire.rpc_protocol import DEFAULT_ALPN
 

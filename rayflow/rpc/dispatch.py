@@ -28,6 +28,7 @@ from rayflow.errors import (
     TooEarlyError,
     UnknownOperationError,
 )
+from rayflow.wire.op_schema import Arg
 from rayflow.wire.rpc_frames import Request, encode_error, encode_response
 
 logger = logging.getLogger(__name__)
@@ -54,39 +55,6 @@ class CallContext:
 
 Handler = Callable[..., Awaitable[Any]]
 Authenticate = Callable[[CallContext], Awaitable[object]]
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One keyword argument of an op: accepted Python types, and whether it must be present.
-
-    ``bool`` is not accepted where ``int`` or ``float`` is asked (msgpack keeps them apart, and a
-    flag passed as a count is a caller bug); an ``int`` is accepted where ``float`` is.
-    """
-
-    types: tuple[type, ...]
-    required: bool = True
-
-    def __init__(self, types: type | tuple[type, ...], required: bool = True) -> None:
-        object.__setattr__(self, "types", types if isinstance(types, tuple) else (types,))
-        object.__setattr__(self, "required", required)
-        if not self.types or not all(isinstance(t, type) for t in self.types):
-            raise TypeError("Arg types must be one or more classes")
-
-    def accepts(self, value: Any) -> bool:
-        if isinstance(value, bool):
-            return bool in self.types
-        if isinstance(value, int) and float in self.types:
-            return True
-        return isinstance(value, self.types)
-
-    def describe(self) -> str:
-        return " | ".join("nil" if t is type(None) else t.__name__ for t in self.types)
-
-
-def optional(types: type | tuple[type, ...]) -> Arg:
-    """An argument that may be left out (the handler's default applies)."""
-    return Arg(types, required=False)
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Sandboxes: one isolated environment per worker (Docker, Linux namespaces, plain process)."""
+"""Sandboxes: isolated environments (Docker, Linux namespaces, plain process) for a worker or one subtask."""

@@ -187,8 +187,8 @@ def reap_on_startup(backend: SandboxBackend) -> list[str]:
     """Remove what crashed processes of this machine left in ``backend``; call once when starting.
 
     Pooled sandboxes are owned by the process holding the pool (the pool id is that process's
-    owner string with a ``/pool-...`` suffix), so they are reaped once that process is gone and
-    never while it runs.
+    owner string with a suffix: ``/pool-...`` by default, ``/<worker id>/pool`` for a swarm
+    worker's), so they are reaped once that process is gone and never while it runs.
     """
     reaped = collect_garbage([backend], owner_alive_by_pid)
     if reaped:

@@ -1,14 +1,26 @@
 """``WarmPool``: sandboxes of one spec started ahead of time, handed out in milliseconds, never reused.
 
 Why: starting a sandbox costs from ~0.1 s (bubblewrap) to seconds (a container on a loaded
-machine), while a job wants one now. The pool keeps ``size`` started sandboxes in a queue and
+machine), while its user wants one now. The pool keeps ``size`` started sandboxes in a queue and
 refills it in the background; :meth:`WarmPool.acquire` pops one. When the queue is empty it
 starts one synchronously (a *miss*, counted in :meth:`WarmPool.stats`) rather than wait for
-the refill.
+the refill; with ``wait_for_refill`` it waits instead for a background start already under way
+(a *wait*), and starts one itself only when none is.
 
-Never reused: a sandbox handed out belongs to one tenant and one job. :meth:`WarmPool.release`
-destroys it and lets the refill start a fresh one; nothing a job wrote, started or changed can
-reach the next job, whoever's it is.
+Who uses it: a swarm worker of a job with ``isolation="subtask"``
+(:class:`rayflow.swarm.worker_core.WorkerCore`) holds a pool of size 1, built from its create
+function (:meth:`WarmPool.from_create`) with a ``prepare`` step that uploads the job's repository
+and starts the agent host, so each subtask gets a sandbox nobody used while the next one is
+prepared during the current subtask. The sandbox benchmark measures ``acquire`` on its own.
+
+Prepared before ready: ``ready_check`` (by default: the runtime answers) and then ``prepare``
+run on a background start before it is queued; ``prepare`` also runs on a miss before the
+acquire gets the sandbox. A sandbox failing either is destroyed and counted, never handed out;
+a miss's failure is raised to the acquire, a background one is retried with back-off.
+
+Never reused: a sandbox handed out belongs to one tenant and one job (or one subtask).
+:meth:`WarmPool.release` destroys it and lets the refill start a fresh one; nothing its holder
+wrote, started or changed can reach the next holder, whoever's it is.
 
 Age: a queued sandbox older than ``ttl_s`` is destroyed and replaced. Backends count a sandbox's
 wall-time limit from its creation, so ``ttl_s`` must stay below ``limits.wall_time_s``: a job
@@ -21,9 +33,11 @@ waits up to its timeout for a release, then fails with :class:`~rayflow.errors.O
 Ownership and reaping: pooled sandboxes are created with the pool id as their owner. The default
 pool id is this process's owner string (:func:`rayflow.sandbox.gc.current_process_owner`) with a
 ``/pool-<hex>`` suffix, so a sweep keeps them while the process holding the pool runs and reaps
-them once it is gone, handed out or not. Who holds a handed-out sandbox (tenant, job) is recorded
-by the pool (:meth:`WarmPool.leases`) and on the handed-out object's labels; the backend's record
-keeps the pool id, since that is whose death must free it.
+them once it is gone, handed out or not. A caller naming the pool itself keeps that property by
+passing such an owner string (a swarm worker passes its own owner with a ``/pool`` suffix). Who
+holds a handed-out sandbox (tenant, job) is recorded by the pool (:meth:`WarmPool.leases`) and on
+the handed-out object's labels; the backend's record keeps the pool id, since that is whose death
+must free it.
 
 Structure: :class:`PoolLedger` holds the bookkeeping and makes every decision (what to expire,
 what to hand out, how many to start) without threads or I/O; :class:`WarmPool` is the shell
@@ -64,16 +78,23 @@ RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
 #: Longest a background worker sleeps without looking at the queue again.
 MAX_IDLE_WAIT_S = 60.0
+#: How an acquire got its sandbox (``PooledSandbox.source``): queued and taken at once, queued
+#: after waiting for a background start, or started by the acquire itself.
+SOURCE_READY = "ready"
+SOURCE_REFILL = "refill"
+SOURCE_MISS = "miss"
 
 
 @dataclass(frozen=True)
 class PoolStats:
     """Counters since the pool started, and its current occupancy."""
 
-    #: Acquires served from the queue.
+    #: Acquires served from the queue at once.
     hits: int
     #: Acquires that had to start a sandbox themselves.
     misses: int
+    #: Acquires served from the queue after waiting for a background start (``wait_for_refill``).
+    waits: int
     #: Sandboxes started (by the refill and by misses).
     created: int
     #: Sandboxes destroyed (released, expired, found dead, or at close).
@@ -119,15 +140,21 @@ class PoolLedger:
     size: int
     max_size: int
     ttl_s: float
+    #: An acquire finding the queue empty waits for a background start under way instead of
+    #: starting a sandbox itself (see :meth:`claim_refill`).
+    wait_for_refill: bool = False
     ready: deque[_Entry] = field(default_factory=deque)
     leased: dict[str, _Held] = field(default_factory=dict)
     #: Starts in progress for the queue (background) and for misses (synchronous).
     refilling: int = 0
     starting_for_miss: int = 0
     destroying: int = 0
+    #: Acquires waiting for one of the background starts under way (each counts on its own one).
+    awaiting_refill: int = 0
     closed: bool = False
     hits: int = 0
     misses: int = 0
+    waits: int = 0
     created: int = 0
     destroyed: int = 0
     expired: int = 0
@@ -187,6 +214,23 @@ class PoolLedger:
         self.created += 1
         self.destroying += 1
 
+    def claim_refill(self) -> bool:
+        """Whether an acquire that found the queue empty should wait for a background start.
+
+        Only with ``wait_for_refill``, and only while more starts are under way than acquires
+        already wait for: each waiting acquire counts on a start of its own, so one start never
+        holds two acquires while a second could have been started. A start that fails ends the
+        wait (the acquire then starts a sandbox itself, and sees the error if it fails again).
+        The caller calls :meth:`release_claim` when it wakes, then decides again.
+        """
+        if not self.wait_for_refill or self.closed or self.refilling <= self.awaiting_refill:
+            return False
+        self.awaiting_refill += 1
+        return True
+
+    def release_claim(self) -> None:
+        self.awaiting_refill -= 1
+
     def begin_miss(self) -> bool:
         """Reserve a synchronous start for an acquire that found the queue empty, if within bounds."""
         if self.total() >= self.max_size:
@@ -208,9 +252,20 @@ class PoolLedger:
         self.leased[sandbox.id] = _Held(sandbox, lease)
         return True
 
-    def hand_out(self, sandbox: Sandbox, lease: Lease) -> None:
-        self.hits += 1
+    def hand_out(self, sandbox: Sandbox, lease: Lease, *, waited: bool = False) -> None:
+        """Lease a queued sandbox: a hit, or a wait when the acquire waited for a background start."""
+        if waited:
+            self.waits += 1
+        else:
+            self.hits += 1
         self.leased[sandbox.id] = _Held(sandbox, lease)
+
+    def drop_ready(self) -> list[Sandbox]:
+        """Empty the queue (not for age); the caller destroys what is returned."""
+        doomed = [entry.sandbox for entry in self.ready]
+        self.ready.clear()
+        self.destroying += len(doomed)
+        return doomed
 
     def discard(self, sandbox: Sandbox) -> None:
         """A queued sandbox found dead at hand-out: it is destroyed instead."""
@@ -245,6 +300,7 @@ class PoolLedger:
         return PoolStats(
             hits=self.hits,
             misses=self.misses,
+            waits=self.waits,
             created=self.created,
             destroyed=self.destroyed,
             expired=self.expired,
@@ -283,11 +339,18 @@ def default_ttl(spec: SandboxSpec) -> float:
 
 
 class WarmPool:
-    """Keeps ``size`` ready sandboxes of one spec; see the module docstring."""
+    """Keeps ``size`` ready sandboxes of one spec; see the module docstring.
+
+    Sandboxes come from ``backend.create``, or from ``create`` when the caller has only a create
+    function (:meth:`from_create`). ``ready_check`` runs on each background start before it is
+    queued; ``prepare`` runs on every sandbox before it counts as ready, in the background and on
+    a miss alike, so no sandbox is handed out unprepared. A sandbox failing either is destroyed
+    and counted in ``failures``; a miss's failure is raised to its acquire.
+    """
 
     def __init__(
         self,
-        backend: SandboxBackend,
+        backend: SandboxBackend | None,
         spec: SandboxSpec,
         *,
         size: int = 2,
@@ -297,7 +360,12 @@ class WarmPool:
         clock: Callable[[], float] = time.monotonic,
         pool_id: str | None = None,
         ready_check: Callable[[Sandbox], None] | None = runtime_answers,
+        prepare: Callable[[Sandbox], None] | None = None,
+        create: Callable[[SandboxSpec], Sandbox] | None = None,
+        wait_for_refill: bool = False,
     ) -> None:
+        if (backend is None) == (create is None):
+            raise ConfigError("a warm pool needs either a backend or a create function, not both")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ConfigError(f"pool size must be a non-negative integer, not {size!r}")
         max_size = max(4, 2 * size) if max_size is None else max_size
@@ -315,22 +383,41 @@ class WarmPool:
         if refill_workers < 0:
             raise ConfigError("refill_workers must not be negative")
         self.backend = backend
+        if create is None:
+            assert backend is not None
+            create = backend.create
+        self._create: Callable[[SandboxSpec], Sandbox] = create
         self.pool_id = pool_id or current_process_owner(f"pool-{secrets.token_hex(4)}")
         self.spec = dataclasses.replace(
             spec, owner=self.pool_id, labels={**spec.labels, POOL_LABEL: self.pool_id}
         )
         self._clock = clock
         self._ready_check = ready_check
-        self._ledger = PoolLedger(size=size, max_size=max_size, ttl_s=ttl)
+        self._prepare = prepare
+        self._ledger = PoolLedger(size=size, max_size=max_size, ttl_s=ttl, wait_for_refill=wait_for_refill)
         self._cond = threading.Condition()
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST_S
+        # The first starts are reserved here, before any worker runs, so an acquire right after
+        # construction sees them under way (and, with ``wait_for_refill``, waits instead of racing).
+        with self._cond:
+            reserved = [self._ledger.begin_refill() for _ in range(refill_workers)]
         self._workers = [
-            threading.Thread(target=self._refill_loop, name=f"rayflow-pool-refill-{i}", daemon=True)
-            for i in range(refill_workers)
+            threading.Thread(
+                target=self._refill_loop, args=(first,), name=f"rayflow-pool-refill-{i}", daemon=True
+            )
+            for i, first in enumerate(reserved)
         ]
         for worker in self._workers:
             worker.start()
+
+    @classmethod
+    def from_create(
+        cls, create: Callable[[SandboxSpec], Sandbox], spec: SandboxSpec, **options: Any
+    ) -> WarmPool:
+        """A pool whose sandboxes come from ``create(spec)`` (a backend's ``create``, or a caller's
+        wrapper of it); ``options`` are those of the constructor."""
+        return cls(None, spec, create=create, **options)
 
     # --- public ------------------------------------------------------------------------------
     @property
@@ -348,17 +435,24 @@ class WarmPool:
     def acquire(self, tenant: str, job: str, timeout_s: float | None = None) -> PooledSandbox:
         """A fresh sandbox for ``tenant``'s ``job``: from the queue, else started now.
 
-        ``timeout_s`` bounds the wait when the pool is at ``max_size`` (``None``: wait for a
-        release indefinitely); it does not bound a synchronous start.
+        With ``wait_for_refill``, an empty queue with a background start under way is waited
+        for instead (see :meth:`PoolLedger.claim_refill`). ``timeout_s`` bounds the wait when
+        the pool is at ``max_size`` (``None``: wait for a release indefinitely); it bounds
+        neither a synchronous start nor a background start waited for. The handed-out sandbox's
+        ``source`` says which of the three it was.
         """
         for name, value in (("tenant", tenant), ("job", job)):
             if not isinstance(value, str) or not value:
                 raise InvalidInputError(f"acquire needs a non-empty {name}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         dead: list[Sandbox] = []
+        claimed = waited = False
         try:
             with self._cond:
                 while True:
+                    if claimed:
+                        self._ledger.release_claim()
+                        claimed = False
                     self._check_open()
                     now = self._clock()
                     dead += self._ledger.take_expired(now)
@@ -369,9 +463,14 @@ class WarmPool:
                         continue
                     lease = Lease(tenant, job, now)
                     if sandbox is not None:
-                        self._ledger.hand_out(sandbox, lease)
+                        self._ledger.hand_out(sandbox, lease, waited=waited)
                         self._cond.notify_all()  # the queue is short now: wake the refill
-                        return PooledSandbox(self, sandbox, lease)
+                        source = SOURCE_REFILL if waited else SOURCE_READY
+                        return PooledSandbox(self, sandbox, lease, source=source)
+                    if self._ledger.claim_refill():
+                        claimed = waited = True
+                        self._cond.wait(MAX_IDLE_WAIT_S)
+                        continue
                     if self._ledger.begin_miss():
                         break
                     remaining = None if deadline is None else deadline - time.monotonic()
@@ -382,6 +481,9 @@ class WarmPool:
                         )
                     self._cond.wait(remaining)
         finally:
+            if claimed:  # interrupted while waiting for a background start
+                with self._cond:
+                    self._ledger.release_claim()
             self._destroy_all(dead)
         return self._start_for_miss(lease)
 
@@ -426,6 +528,19 @@ class WarmPool:
                 self._cond.wait(remaining)
             return len(self._ledger.ready) >= wanted
 
+    def discard_ready(self) -> int:
+        """Destroy every queued sandbox (the refill starts fresh ones); how many were destroyed.
+
+        For when what ``prepare`` puts into a sandbox has changed. A start under way when this is
+        called still joins the queue: a caller that must not get one of those tells them apart
+        itself (by what its ``prepare`` recorded).
+        """
+        with self._cond:
+            doomed = self._ledger.drop_ready()
+            self._cond.notify_all()
+        self._destroy_all(doomed)
+        return len(doomed)
+
     def leases(self) -> dict[str, Lease]:
         """Sandbox id -> who holds it, for every handed-out sandbox not yet released."""
         with self._cond:
@@ -468,7 +583,16 @@ class WarmPool:
     def _start_for_miss(self, lease: Lease) -> PooledSandbox:
         sandbox: Sandbox | None = None
         try:
-            sandbox = self.backend.create(self.spec)
+            sandbox = self._create(self.spec)
+            if self._prepare is not None:
+                self._prepare(sandbox)
+        except BaseException:
+            if sandbox is not None:
+                with self._cond:
+                    self._ledger.started_unusable()
+                self._destroy_all([sandbox])
+                sandbox = None
+            raise
         finally:
             with self._cond:
                 kept = self._ledger.end_miss(sandbox, lease)
@@ -483,15 +607,17 @@ class WarmPool:
             lease.tenant,
             lease.job,
         )
-        return PooledSandbox(self, sandbox, lease)
+        return PooledSandbox(self, sandbox, lease, source=SOURCE_MISS)
 
     def _start_for_queue(self) -> int:
         """Start one sandbox for the queue (a refill slot is reserved); 1 if it was queued, else 0."""
         sandbox: Sandbox | None = None
         try:
-            sandbox = self.backend.create(self.spec)
+            sandbox = self._create(self.spec)
             if self._ready_check is not None:
                 self._ready_check(sandbox)
+            if self._prepare is not None:
+                self._prepare(sandbox)
         except Exception as exc:  # the pool must outlive a failing backend
             if isinstance(exc, RayflowError):
                 log.warning("warm pool %s could not start a sandbox: %s", self.pool_id, exc)
@@ -528,8 +654,13 @@ class WarmPool:
                 self._ledger.destroyed_one(ok)
                 self._cond.notify_all()
 
-    def _refill_loop(self) -> None:
-        """Background worker: expire, refill, back off after failures, sleep until there is work."""
+    def _refill_loop(self, reserved: bool = False) -> None:
+        """Background worker: expire, refill, back off after failures, sleep until there is work.
+
+        ``reserved``: the constructor reserved this worker's first start.
+        """
+        if reserved:
+            self._start_for_queue()
         while True:
             expired: list[Sandbox] = []
             with self._cond:
@@ -558,13 +689,17 @@ class PooledSandbox(SandboxWrapper):
 
     ``destroy`` (and leaving a ``with`` block) releases it to the pool, which destroys it.
     Attributes a backend's sandbox adds (``plan``, ``uid``, ``ping``) are reached through it.
+    ``source`` says how the acquire got it: :data:`SOURCE_READY` (queued, at once),
+    :data:`SOURCE_REFILL` (queued after waiting for a background start) or :data:`SOURCE_MISS`
+    (started by the acquire itself).
     """
 
-    def __init__(self, pool: WarmPool, sandbox: Sandbox, lease: Lease) -> None:
+    def __init__(self, pool: WarmPool, sandbox: Sandbox, lease: Lease, *, source: str = "ready") -> None:
         super().__init__(sandbox)
         self.pool = pool
         self.sandbox = sandbox
         self.lease = lease
+        self.source = source
         self._spec = dataclasses.replace(
             sandbox.spec, labels={**sandbox.spec.labels, TENANT_LABEL: lease.tenant, JOB_LABEL: lease.job}
         )

@@ -31,7 +31,8 @@ from rayflow.swarm.job import AgentRef, Job, decomposition_to_wire, iter_subtask
 from rayflow.swarm.matts import MattsPlan
 from rayflow.swarm.recovery import find_recorded_result
 from rayflow.swarm.results_log import ResultsLog
-from rayflow.swarm.worker_core import HubAccess, TokenMinter, WorkerCore, WorkerPlan
+from rayflow.swarm.worker_core import TokenMinter, WorkerCore, WorkerPlan
+from rayflow.wire.hub_endpoint import HubEndpoint
 from rayflow.wire.subtasks import Pattern, Phase, PhaseEvent, Subtask, SubtaskResult
 from rayflow.wire.synthesis import synthesize_report
 
@@ -52,7 +53,7 @@ SYNTHESIS_FIELDS = ("subtask_id", "index", "ok", "value", "error", "dispatches",
 class HubSession:
     """How the coordinator and its workers reach the hub, and how tokens for the job's tenant are minted."""
 
-    access: HubAccess
+    endpoint: HubEndpoint
     mint: TokenMinter
 
 
@@ -70,11 +71,13 @@ class JobOutcome:
 
 def step_plan_for(plan: WorkerPlan) -> WorkerPlan:
     """The plan of the coordinator's own sandbox: the job's sandbox profile with at least one CPU
-    (decomposition and synthesis sit on the job's critical path), running the steps agent."""
+    (decomposition and synthesis sit on the job's critical path), running the steps agent. It keeps
+    one sandbox whatever the job's isolation: the steps are the job's own, not its agents' work."""
     limits = plan.spec.limits
     cpus = max(limits.cpus or STEP_CPUS, STEP_CPUS)
     spec = replace(plan.spec, limits=replace(limits, cpus=cpus))
-    return replace(plan, spec=spec, agent=AgentRef.python(DECOMPOSE_STEP, timeout_s=plan.agent.timeout_s))
+    agent = AgentRef.python(DECOMPOSE_STEP, timeout_s=plan.agent.timeout_s)
+    return replace(plan, spec=spec, agent=agent, isolation="worker")
 
 
 def start_step_core(
@@ -85,7 +88,7 @@ def start_step_core(
         COORDINATOR,
         step_plan_for(plan),
         create_sandbox,
-        hub=hub.access if hub is not None else None,
+        hub=hub.endpoint if hub is not None else None,
         mint_token=hub.mint if hub is not None else None,
     )
     return core, core.start()
@@ -131,8 +134,8 @@ class CoordinatorCore:
                           memory=job.memory, started_at=self._clock())
         matts = MattsPlan.for_job(job)
         # The coordinator's own steps keep the job's agent; workers get the MaTTS one (sequential).
-        plan = WorkerPlan.for_job(job, self._hub.access if self._hub is not None else None)
-        worker_plan = WorkerPlan.for_job(matts.job, self._hub.access if self._hub is not None else None)
+        plan = WorkerPlan.for_job(job, self._hub.endpoint if self._hub is not None else None)
+        worker_plan = WorkerPlan.for_job(matts.job, self._hub.endpoint if self._hub is not None else None)
         rollouts_log = ResultsLog(matts.rollouts_path(self.results_path)) if matts.parallel else None
         sink = matts.wrap_sink(
             log_file, rollouts_log, store_lesson=self._store_lesson if self._hub is not None else None
@@ -260,8 +263,7 @@ class CoordinatorCore:
             # The job's results and its shared memory (where MaTTS lessons go).
             token = self._hub.mint(f"{COORDINATOR}-{self.job.name}", self.job.token_namespaces(),
                                    self.job.token_ttl_s)
-            access = self._hub.access
-            self._client = SyncHubClient(access.host, access.port, ca_pem=access.ca_pem, token=token)
+            self._client = SyncHubClient.for_endpoint(self._hub.endpoint, token=token)
         return self._client
 
     def _recover(self, subtask: Subtask) -> SubtaskResult | None:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rayflow.errors import ConfigError, InvalidInputError
 from rayflow.ids import new_id
@@ -24,6 +24,9 @@ from rayflow.wire.subtasks import Pattern, Subtask
 #: Job names are path segments of the hub namespace ``swarm/<job>``.
 JOB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 BACKENDS = ("auto", "docker", "local", "process")
+#: How long a sandbox serves: a worker's whole life, or one subtask (see ``Job.isolation``).
+Isolation = Literal["worker", "subtask"]
+ISOLATIONS: tuple[Isolation, ...] = ("worker", "subtask")
 
 
 @dataclass(frozen=True)
@@ -157,17 +160,73 @@ def iter_subtasks(job_name: str, payloads: Iterable[Mapping[str, Any]]) -> Itera
 
 # --- the job ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class MattsAgentProfile:
+    """What MaTTS knows about the agent it scales: names only, so it pickles into Ray actors and
+    round-trips through JSON (``MattsAgentProfile(**json.loads(json.dumps(asdict(profile))))``).
+
+    The defaults know nothing and fit any agent: sequential refinement hands each attempt the
+    previous value as feedback only, rollouts differ only by their ``seed``, and a contrast lesson
+    says which rollout succeeded where others failed, tagged ``matts``, ``contrast`` and the
+    error codes. An agent that reports the failure it worked on and the approaches it tried gets
+    lessons naming the approach that fixed that failure and those that failed on it, tagged in
+    the vocabulary its own memory lookup reads. A job names its agent's profile in ``Matts``.
+    """
+
+    #: Sequential: ``"module:function"`` in the sandbox that plans each next attempt's task from the
+    #: previous values (the refinement agent's ``revise``); ``None``: feedback only.
+    reviser: str | None = None
+    #: Task field holding an ordered list of approaches; rollouts after the first start it rotated.
+    order_field: str | None = None
+    #: Value field listing the agent's tries: mappings naming an approach (``try_name_key``), saying
+    #: whether it ``passed`` and what it changed (``try_edit_key``).
+    tries_field: str | None = None
+    try_name_key: str = "name"
+    try_edit_key: str = "edit"
+    #: Where a rollout's summary lists the distinct approaches it tried.
+    tried_summary_field: str = "tried_names"
+    #: Value field naming the approach a successful result used.
+    chosen_field: str | None = None
+    #: Value fields with the failure the agent worked on: its text and a stable digest of it.
+    signature_field: str | None = None
+    signature_id_field: str | None = None
+    #: The approaches in lesson titles ("... where 2 other approaches failed").
+    approaches_noun: str = "approaches"
+    #: Lesson tag prefixes, empty for no such tag: the winning approach, the failure's digest, and
+    #: each approach that failed on it.
+    chosen_tag: str = ""
+    signature_tag: str = ""
+    failed_tag: str = ""
+    #: Start of the lesson's content line carrying the winning change.
+    edit_prefix: str = "Edit: "
+
+    def __post_init__(self) -> None:
+        if self.reviser is not None and ":" not in self.reviser:
+            raise ConfigError("a reviser is named 'module:function'", reviser=self.reviser)
+        tags = [tag for tag in (self.chosen_tag, self.signature_tag, self.failed_tag) if tag]
+        for i, tag in enumerate(tags):
+            # A failed approach read back as a suggestion would steer the agent to what failed.
+            if any(other.startswith(tag) for j, other in enumerate(tags) if j != i):
+                raise ConfigError("no lesson tag prefix may start another", tags=", ".join(tags))
+
+    @property
+    def repairs(self) -> bool:
+        """Whether results name a failure and the approaches tried on it (lessons contrast approaches)."""
+        return self.signature_field is not None and self.tries_field is not None
+
+
+@dataclass(frozen=True)
 class Matts:
     """Memory-aware test-time scaling of each subtask.
 
     ``parallel``: ``k`` rollouts of the subtask at once in ``k`` sandboxes, the best kept by the
     judge, memory distilled by contrasting them. ``sequential``: up to ``r`` refinements, stopping at
-    the first success.
+    the first success. ``profile``: what MaTTS may know about the job's agent (nothing by default).
     """
 
     mode: str = "parallel"
     k: int = 3
     r: int = 3
+    profile: MattsAgentProfile = field(default_factory=MattsAgentProfile)
 
     def __post_init__(self) -> None:
         if self.mode not in ("parallel", "sequential"):
@@ -202,8 +261,15 @@ class Job:
     max_dispatches: int = 3
     #: Host directory copied into every sandbox's work directory (defaults to a FileGlob's repo).
     upload: str | None = None
-    #: Take sandboxes from a warm pool per node (pattern A warm) instead of creating each cold.
+    #: Adopt workers started ahead by ``Swarm.prewarm`` (sandbox already provisioned) before
+    #: starting any cold. (A job with ``isolation="subtask"`` uses a ``WarmPool`` per worker anyway.)
     warm_pool: bool = False
+    #: ``"worker"``: each worker runs its subtasks one after the other in one sandbox, for its
+    #: whole life. ``"subtask"``: every subtask runs in a sandbox nobody used before, so nothing a
+    #: subtask's agent leaves behind (files outside the repository copy, background processes, a
+    #: poisoned cache) reaches the next; each worker prepares its next sandbox while the current
+    #: subtask runs, so a subtask rarely waits for one.
+    isolation: Isolation = "worker"
     matts: Matts | None = None
     #: Lifetime of each sandbox's token; workers refresh it before it runs out.
     token_ttl_s: int = 900
@@ -220,6 +286,8 @@ class Job:
         object.__setattr__(self, "allow", tuple((str(h), int(p)) for h, p in self.allow))
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.isolation not in ISOLATIONS:
+            raise ConfigError(f"isolation must be one of {', '.join(ISOLATIONS)}, not {self.isolation!r}")
         if self.workers < 1 or self.max_dispatches < 1:
             raise ConfigError("workers and max_dispatches are at least 1")
         if self.pattern is Pattern.FULL_SANDBOX and isinstance(self.decomposition, FunctionDecomposition):

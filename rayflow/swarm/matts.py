@@ -14,6 +14,11 @@ Sequential mode needs no change to dispatching at all: the job's agent is swappe
 in-sandbox refinement agent (:mod:`rayflow.guest.agents.matts_refine`) with the original agent as its
 ``inner``. :class:`MattsPlan` bundles both so a job runner wires MaTTS in a few lines.
 
+Nothing here knows any particular agent. What MaTTS may know about the job's agent (its reviser,
+the task field ordering its approaches, how its value reports what it tried, the tags its memory
+lookup reads) is the job's :class:`~rayflow.swarm.job.MattsAgentProfile`, in ``Matts.profile``;
+the defaults fit any agent.
+
 Pure: no Ray, no processes, no hub. Storing a lesson is a callback the caller provides.
 """
 
@@ -29,7 +34,7 @@ from typing import Any, Protocol
 
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
 from rayflow.memory.judge import clip, parse_test_summary
-from rayflow.swarm.job import AgentRef, Job, Matts
+from rayflow.swarm.job import AgentRef, Job, Matts, MattsAgentProfile
 from rayflow.wire.subtasks import PhaseEvent, Subtask, SubtaskResult
 
 log = logging.getLogger("rayflow.swarm.matts")
@@ -38,21 +43,14 @@ log = logging.getLogger("rayflow.swarm.matts")
 ROLLOUT_MARK = "~r"
 #: The in-sandbox refinement agent of sequential mode.
 REFINE_AGENT = "rayflow.guest.agents.matts_refine:refine"
-#: Inner agents whose next refinement is better planned by a dedicated reviser than by feedback
-#: alone (the fixer ignores feedback, but re-ordering its strategies makes it explore).
-DEFAULT_REVISERS: Mapping[str, str] = {
-    "rayflow.guest.agents.fixer:fix_module": "rayflow.guest.agents.matts_refine:untried_strategies_first",
-}
-#: Task fields MaTTS sets on each rollout.
+#: What MaTTS knows about an agent whose job names no profile: nothing.
+ANY_AGENT = MattsAgentProfile()
+#: Task fields MaTTS sets on each rollout (``seed`` only on rollouts after the first).
 ROLLOUT_FIELD = "rollout"
 ROLLOUTS_FIELD = "rollouts"
+SEED_FIELD = "seed"
 CONTRAST_DOMAIN = "matts"
 CONTRAST_TAGS = ("matts", "contrast")
-#: Tag prefixes understood by the fixing agent's memory lookup (``rayflow.guest.agents.fixer``).
-STRATEGY_TAG = "strategy:"
-SIGNATURE_TAG = "sig:"
-FAILED_STRATEGY_TAG = "failed:"
-EDIT_PREFIX = "Edit: "
 TITLE_CHARS = 80
 CONTENT_CHARS = 2000
 SUMMARY_TEXT_CHARS = 300
@@ -102,26 +100,37 @@ def _rotated(order: Sequence[Any], rollout: int, k: int) -> list[Any]:
     return [*order[shift:], *order[:shift]]
 
 
-def rollout_task(task: Mapping[str, Any], index: int, rollout: int, k: int, seed: int) -> dict[str, Any]:
+def rollout_task(
+    task: Mapping[str, Any],
+    index: int,
+    rollout: int,
+    k: int,
+    seed: int,
+    *,
+    profile: MattsAgentProfile = ANY_AGENT,
+) -> dict[str, Any]:
     """The task of one rollout: the subtask's task plus its rollout number and an exploration knob.
 
     Rollout 0 is the subtask as the job wrote it (the baseline a run without MaTTS would make).
-    Every other rollout gets a seed of its own and, when the task pins a ``strategy_order``, that
-    order rotated by ``rollout / k`` of its length, so rollouts start their search in different
-    places instead of repeating each other.
+    Every other rollout gets a ``seed`` of its own and, when the task pins the order of its
+    approaches (the profile's ``order_field``), that order rotated by ``rollout / k`` of its
+    length, so rollouts start their search in different places instead of repeating each other.
     """
     varied = {**dict(task), ROLLOUT_FIELD: rollout, ROLLOUTS_FIELD: k}
     if rollout == 0:
         return varied
-    base = task.get("seed")
-    varied["seed"] = rollout_seed(int(base) if isinstance(base, int) else seed, index, rollout)
-    order = task.get("strategy_order")
-    if isinstance(order, (list, tuple)) and order:
-        varied["strategy_order"] = _rotated(list(order), rollout, k)
+    base = task.get(SEED_FIELD)
+    varied[SEED_FIELD] = rollout_seed(int(base) if isinstance(base, int) else seed, index, rollout)
+    order_field = profile.order_field
+    order = task.get(order_field) if order_field else None
+    if order_field and isinstance(order, (list, tuple)) and order:
+        varied[order_field] = _rotated(list(order), rollout, k)
     return varied
 
 
-def expand_rollouts(subtasks: Iterable[Subtask], k: int, seed: int = 0) -> Iterator[Subtask]:
+def expand_rollouts(
+    subtasks: Iterable[Subtask], k: int, seed: int = 0, *, profile: MattsAgentProfile = ANY_AGENT
+) -> Iterator[Subtask]:
     """Each subtask as ``k`` rollout subtasks, lazily, the rollouts of one subtask next to each other.
 
     Adjacent rollouts matter: the ledger hands out subtasks in order, so with at least ``k``
@@ -134,7 +143,7 @@ def expand_rollouts(subtasks: Iterable[Subtask], k: int, seed: int = 0) -> Itera
             yield Subtask(
                 rollout_id(subtask.id, rollout),
                 rollout_index(subtask.index, k, rollout),
-                rollout_task(subtask.task, subtask.index, rollout, k, seed),
+                rollout_task(subtask.task, subtask.index, rollout, k, seed, profile=profile),
             )
 
 
@@ -202,11 +211,12 @@ def _compact(value: Any) -> Any:
     return value
 
 
-def rollout_summary(result: SubtaskResult) -> dict[str, Any]:
+def rollout_summary(result: SubtaskResult, *, profile: MattsAgentProfile = ANY_AGENT) -> dict[str, Any]:
     """A bounded record of one rollout for the grouped result (the full result is in the rollouts log).
 
-    From the agent's value it keeps scalar fields and lists of scalars; nested records (such as
-    the fixer's ``tried``) are summarised as the distinct ``strategy`` names they mention.
+    From the agent's value it keeps scalar fields and lists of scalars; the agent's tries (the
+    profile's ``tries_field``) are summarised as the distinct approaches they name, under the
+    profile's ``tried_summary_field``.
     """
     summary: dict[str, Any] = {
         "rollout": rollout_number(result),
@@ -231,28 +241,38 @@ def rollout_summary(result: SubtaskResult) -> dict[str, Any]:
                 kept[str(name)] = _compact(item)
             elif isinstance(item, (list, tuple)) and all(isinstance(x, _SCALARS) for x in item):
                 kept[str(name)] = [_compact(x) for x in item]
-        strategies = tried_strategies(value)
-        if strategies:
-            kept["tried_strategies"] = strategies
+        approaches = tried_approaches(value, profile)
+        if approaches:
+            kept[profile.tried_summary_field] = approaches
         summary["value"] = kept
     elif isinstance(value, _SCALARS):
         summary["value"] = _compact(value)
     return summary
 
 
-def tried_strategies(value: Mapping[str, Any]) -> list[str]:
-    """The distinct strategies an agent's ``tried`` records name, in the order first tried."""
-    tried = value.get("tried")
-    if not isinstance(tried, list):
+def tries(value: Any, profile: MattsAgentProfile) -> list[Mapping[str, Any]]:
+    """The tries an agent's value lists (the profile's ``tries_field``) that name an approach."""
+    if profile.tries_field is None or not isinstance(value, Mapping):
         return []
-    names = [
-        str(entry["strategy"]) for entry in tried if isinstance(entry, Mapping) and entry.get("strategy")
-    ]
-    return list(dict.fromkeys(names))
+    listed = value.get(profile.tries_field)
+    if not isinstance(listed, list):
+        return []
+    return [entry for entry in listed if isinstance(entry, Mapping) and entry.get(profile.try_name_key)]
+
+
+def tried_approaches(value: Any, profile: MattsAgentProfile = ANY_AGENT) -> list[str]:
+    """The distinct approaches an agent's value says it tried, in the order first tried."""
+    return list(dict.fromkeys(str(entry[profile.try_name_key]) for entry in tries(value, profile)))
 
 
 def group_result(
-    original_id: str, index: int, results: Sequence[SubtaskResult], *, k: int, missing: Sequence[int] = ()
+    original_id: str,
+    index: int,
+    results: Sequence[SubtaskResult],
+    *,
+    k: int,
+    missing: Sequence[int] = (),
+    profile: MattsAgentProfile = ANY_AGENT,
 ) -> SubtaskResult:
     """The one result of a subtask from its rollouts: the winner's, with every rollout kept.
 
@@ -265,7 +285,7 @@ def group_result(
     """
     winner = judge_rollouts(results)
     ordered = sorted(results, key=lambda result: (rollout_number(result, k), result.subtask_id))
-    summaries = [rollout_summary(result) for result in ordered]
+    summaries = [rollout_summary(result, profile=profile) for result in ordered]
     base = dict(winner.value) if isinstance(winner.value, Mapping) else {"value": winner.value}
     value = {
         **base,
@@ -300,96 +320,106 @@ def group_result(
 
 
 # --- what the rollouts teach, by contrast ------------------------------------------------------------
-def contrast(results: Sequence[SubtaskResult]) -> dict[str, Any] | None:
+def contrast(
+    results: Sequence[SubtaskResult], *, profile: MattsAgentProfile = ANY_AGENT
+) -> dict[str, Any] | None:
     """One lesson from comparing a subtask's rollouts, as ``store_pattern`` keyword arguments
     (``title, description, content, tags, domain, outcome, confidence, source_task``; the caller
     adds ``namespace``), or ``None`` when there is nothing to contrast.
 
-    For agents that report an error ``signature`` and the repairs they ``tried`` (the fixer), the
-    lesson names which strategy fixed this signature and which strategies failed on it across all
-    rollouts. A success is tagged ``strategy:<winner>`` and ``sig:<digest>`` with an ``Edit:``
-    line, the form the fixer's memory lookup follows; failed strategies are tagged ``failed:<name>``
-    so they are never mistaken for suggestions. When no rollout succeeded the lesson is a warning
-    (outcome ``failure``) without a strategy tag. For other agents the lesson says which rollout
-    succeeded where others failed, and with what errors; rollouts that all ended alike teach
-    nothing by contrast.
+    When the profile says where results name the failure the agent worked on and the approaches
+    it tried, the lesson names which approach fixed this failure and which
+    failed on it across all rollouts: a success is tagged with the profile's ``chosen_tag`` and
+    ``signature_tag`` and carries an ``edit_prefix`` line, the form the agent's own memory lookup
+    follows; failed approaches are tagged with ``failed_tag`` so they are never mistaken for
+    suggestions. When no rollout succeeded the lesson is a warning (outcome ``failure``) without
+    a winner's tag. Otherwise the lesson says which rollout succeeded where others failed, and
+    with what errors; rollouts that all ended alike teach nothing by contrast.
     """
     if len(results) < 2:
         return None
     winner = judge_rollouts(results)
-    if any(_signature_of(result) for result in results):
-        return _repair_contrast(winner, results)
-    return _outcome_contrast(winner, results)
+    if any(signature_of(result, profile) for result in results):
+        return _repair_contrast(winner, results, profile)
+    return _outcome_contrast(winner, results, profile)
 
 
-def _signature_of(result: SubtaskResult) -> tuple[str, str] | None:
+def signature_of(result: SubtaskResult, profile: MattsAgentProfile = ANY_AGENT) -> tuple[str, str] | None:
+    """``(text, digest)`` of the failure a result says its agent worked on, when it also lists its tries."""
     value = result.value
-    if isinstance(value, Mapping) and value.get("signature") and isinstance(value.get("tried"), list):
-        return str(value["signature"]), str(value.get("signature_id") or "")
-    return None
+    if not profile.repairs or not isinstance(value, Mapping) or not value.get(profile.signature_field):
+        return None
+    if not isinstance(value.get(profile.tries_field), list):
+        return None
+    digest = value.get(profile.signature_id_field) if profile.signature_id_field else None
+    return str(value[profile.signature_field]), str(digest or "")
 
 
-def _tried(result: SubtaskResult) -> list[Mapping[str, Any]]:
+def _chosen(result: SubtaskResult, profile: MattsAgentProfile) -> Any:
     value = result.value
-    if not isinstance(value, Mapping) or not isinstance(value.get("tried"), list):
-        return []
-    return [entry for entry in value["tried"] if isinstance(entry, Mapping) and entry.get("strategy")]
+    if profile.chosen_field is None or not isinstance(value, Mapping):
+        return None
+    return value.get(profile.chosen_field)
 
 
-def _repair_contrast(winner: SubtaskResult, results: Sequence[SubtaskResult]) -> dict[str, Any]:
-    signature, digest = next(found for found in map(_signature_of, [winner, *results]) if found)
+def _repair_contrast(
+    winner: SubtaskResult, results: Sequence[SubtaskResult], profile: MattsAgentProfile
+) -> dict[str, Any]:
+    signature, digest = next(
+        found for found in (signature_of(r, profile) for r in [winner, *results]) if found
+    )
+    name, edit = profile.try_name_key, profile.try_edit_key
     worked: dict[str, str] = {}
     failed: list[str] = []
     for result in sorted(results, key=rollout_number):
-        for entry in _tried(result):
-            strategy = str(entry["strategy"])
+        for entry in tries(result.value, profile):
+            approach = str(entry[name])
             if entry.get("passed"):
-                worked.setdefault(strategy, str(entry.get("edit") or ""))
-            elif strategy not in failed:
-                failed.append(strategy)
-    failed = [strategy for strategy in failed if strategy not in worked]
+                worked.setdefault(approach, str(entry.get(edit) or ""))
+            elif approach not in failed:
+                failed.append(approach)
+    failed = [approach for approach in failed if approach not in worked]
     lines = [f"Failure: {signature}"]
-    win_value = winner.value if isinstance(winner.value, Mapping) else {}
-    win_strategy = win_value.get("strategy") if succeeded(winner) else None
+    win_approach = _chosen(winner, profile) if succeeded(winner) else None
     tags = [*CONTRAST_TAGS]
-    if digest:
-        tags.append(f"{SIGNATURE_TAG}{digest}")
-    if win_strategy:
+    if digest and profile.signature_tag:
+        tags.append(f"{profile.signature_tag}{digest}")
+    noun = profile.approaches_noun
+    if win_approach:
         win_edit = next(
             (
-                str(e.get("edit") or "")
-                for e in _tried(winner)
-                if e.get("passed") and e["strategy"] == win_strategy
+                str(entry.get(edit) or "")
+                for entry in tries(winner.value, profile)
+                if entry.get("passed") and entry[name] == win_approach
             ),
-            worked.get(str(win_strategy), ""),
+            worked.get(str(win_approach), ""),
         )
         lines.append(
-            f"Fix: {win_strategy} (rollout {rollout_number(winner)} of {len(results)}, "
+            f"Fix: {win_approach} (rollout {rollout_number(winner)} of {len(results)}, "
             f"{winner.attempts} attempts)"
         )
         if win_edit:
-            lines.append(f"{EDIT_PREFIX}{win_edit}")
-        others = [name for name in worked if name != win_strategy]
+            lines.append(f"{profile.edit_prefix}{win_edit}")
+        others = [approach for approach in worked if approach != win_approach]
         if others:
             lines.append("Also worked: " + ", ".join(others))
-        tags.append(f"{STRATEGY_TAG}{win_strategy}")
+        if profile.chosen_tag:
+            tags.append(f"{profile.chosen_tag}{win_approach}")
         exception = signature.split(":", 1)[0]
-        agreeing = sum(
-            succeeded(r) and isinstance(r.value, Mapping) and r.value.get("strategy") == win_strategy
-            for r in results
-        )
+        agreeing = sum(succeeded(r) and _chosen(r, profile) == win_approach for r in results)
         title = (
-            f"{win_strategy} fixes {exception} where {len(failed)} other strategies failed"
+            f"{win_approach} fixes {exception} where {len(failed)} other {noun} failed"
             if failed
-            else f"{win_strategy} fixes {exception} in {agreeing} of {len(results)} rollouts"
+            else f"{win_approach} fixes {exception} in {agreeing} of {len(results)} rollouts"
         )
         outcome, confidence = "success", agreeing / len(results)
     else:
-        title = f"{len(failed)} strategies failed in {len(results)} rollouts"
+        title = f"{len(failed)} {noun} failed in {len(results)} rollouts"
         outcome, confidence = "failure", len(results) / (len(results) + 1)
     lines.append("Failed here: " + (", ".join(failed) if failed else "none"))
-    lines.extend(_rollout_lines(results))
-    tags.extend(f"{FAILED_STRATEGY_TAG}{name}" for name in failed)
+    lines.extend(_rollout_lines(results, profile))
+    if profile.failed_tag:
+        tags.extend(f"{profile.failed_tag}{approach}" for approach in failed)
     return _lesson(
         title=title,
         description=f"contrast of {len(results)} rollouts on '{clip(signature, 120)}'",
@@ -401,7 +431,9 @@ def _repair_contrast(winner: SubtaskResult, results: Sequence[SubtaskResult]) ->
     )
 
 
-def _outcome_contrast(winner: SubtaskResult, results: Sequence[SubtaskResult]) -> dict[str, Any] | None:
+def _outcome_contrast(
+    winner: SubtaskResult, results: Sequence[SubtaskResult], profile: MattsAgentProfile
+) -> dict[str, Any] | None:
     wins = [result for result in results if succeeded(result)]
     codes = {str((result.error or {}).get("code", "")) for result in results if not succeeded(result)}
     if len(wins) == len(results) or (not wins and len(codes) <= 1):
@@ -419,7 +451,7 @@ def _outcome_contrast(winner: SubtaskResult, results: Sequence[SubtaskResult]) -
     return _lesson(
         title=title,
         description=f"contrast of {len(results)} rollouts of {task_ref}",
-        content="\n".join(_rollout_lines(results)),
+        content="\n".join(_rollout_lines(results, profile)),
         tags=[*CONTRAST_TAGS, *sorted(code for code in codes if code)],
         outcome=outcome,
         confidence=confidence,
@@ -427,17 +459,16 @@ def _outcome_contrast(winner: SubtaskResult, results: Sequence[SubtaskResult]) -
     )
 
 
-def _rollout_lines(results: Sequence[SubtaskResult]) -> list[str]:
+def _rollout_lines(results: Sequence[SubtaskResult], profile: MattsAgentProfile) -> list[str]:
     lines = []
     for result in sorted(results, key=rollout_number):
-        value = result.value if isinstance(result.value, Mapping) else {}
         parts = [
             f"rollout {rollout_number(result)}: {'succeeded' if succeeded(result) else 'failed'}",
             f"{result.attempts} attempts",
         ]
-        strategies = tried_strategies(value)
-        if strategies:
-            parts.append("tried " + ", ".join(strategies))
+        approaches = tried_approaches(result.value, profile)
+        if approaches:
+            parts.append("tried " + ", ".join(approaches))
         score = rollout_score(result)
         if score is not None:
             parts.append(f"score {score:g}")
@@ -498,10 +529,11 @@ class RolloutGroups:
     result for the same rollout is ignored. Only groups still waiting are held in memory.
     """
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, *, profile: MattsAgentProfile = ANY_AGENT) -> None:
         if k < 1:
             raise InvalidInputError("k is at least 1", k=k)
         self.k = k
+        self.profile = profile
         self._groups: dict[int, _Group] = {}
         self._completed: set[int] = set()
         self.duplicates_ignored = 0
@@ -517,7 +549,7 @@ class RolloutGroups:
         """:func:`expand_rollouts`, telling these groups about each subtask (:meth:`expect`) as it is pulled."""
         for subtask in subtasks:
             self.expect(subtask)
-            yield from expand_rollouts([subtask], self.k, seed)
+            yield from expand_rollouts([subtask], self.k, seed, profile=self.profile)
 
     def add(self, result: SubtaskResult) -> GroupedResult | None:
         """Take one rollout's result; the subtask's grouped result once it was the last one missing."""
@@ -542,8 +574,8 @@ class RolloutGroups:
         results = [group.results[number] for number in sorted(group.results)]
         missing = [number for number in range(self.k) if number not in group.results]
         return GroupedResult(
-            group_result(group.original_id, index, results, k=self.k, missing=missing),
-            contrast(results),
+            group_result(group.original_id, index, results, k=self.k, missing=missing, profile=self.profile),
+            contrast(results, profile=self.profile),
             group.namespace,
         )
 
@@ -646,16 +678,18 @@ class DirectSink:
 
 
 # --- the plan a job runner wires in -----------------------------------------------------------------
-def refine_task(task: Mapping[str, Any], inner: AgentRef, r: int) -> dict[str, Any]:
-    """The task of the refinement agent for one subtask: the subtask's task plus who refines what."""
+def refine_task(
+    task: Mapping[str, Any], inner: AgentRef, r: int, *, profile: MattsAgentProfile = ANY_AGENT
+) -> dict[str, Any]:
+    """The task of the refinement agent for one subtask: the subtask's task plus who refines what,
+    and the profile's reviser unless the task names its own ``revise``."""
     if inner.kind == "python":
         inner_spec: Any = inner.target
     else:
         inner_spec = {"kind": "shell", "command": inner.command}
     fields: dict[str, Any] = {**dict(task), "inner": inner_spec, "r": r, "inner_timeout_s": inner.timeout_s}
-    reviser = DEFAULT_REVISERS.get(inner.target) if inner.kind == "python" else None
-    if reviser and "revise" not in task:
-        fields["revise"] = reviser
+    if profile.reviser and "revise" not in task:
+        fields["revise"] = profile.reviser
     return fields
 
 
@@ -667,10 +701,10 @@ class MattsPlan:
     is unconditional::
 
         plan = MattsPlan.for_job(job)
-        worker_plan = WorkerPlan.for_job(plan.job, hub_access)
+        worker_plan = WorkerPlan.for_job(plan.job, hub_endpoint)
         rollouts_log = ResultsLog(plan.rollouts_path(results_path)) if plan.parallel else None
         sink = plan.wrap_sink(main_log, rollouts_log, store_lesson=...)
-        Coordinator(fleet, sink, ...).run(plan.transform(decomposed_subtasks, sink))
+        DispatchLoop(fleet, sink, ...).run(plan.transform(decomposed_subtasks, sink))
         sink.finish()
     """
 
@@ -685,6 +719,8 @@ class MattsPlan:
     lesson_namespace: str = ""
     #: Sequential: the job's original agent, run by the refinement agent.
     inner: AgentRef | None = None
+    #: What MaTTS knows about the job's agent (``Matts.profile``).
+    profile: MattsAgentProfile = ANY_AGENT
 
     @classmethod
     def for_job(cls, job: Job, *, seed: int = 0) -> MattsPlan:
@@ -694,12 +730,26 @@ class MattsPlan:
         if matts.mode == "sequential":
             inner = job.agent
             refine = AgentRef.python(REFINE_AGENT, timeout_s=inner.timeout_s * matts.r)
-            return cls(replace(job, agent=refine), "sequential", r=matts.r, seed=seed, inner=inner)
+            return cls(
+                replace(job, agent=refine),
+                "sequential",
+                r=matts.r,
+                seed=seed,
+                inner=inner,
+                profile=matts.profile,
+            )
         if job.workers < matts.k:
             log.info(
                 "job %s: %d workers run fewer than k=%d rollouts at once", job.name, job.workers, matts.k
             )
-        return cls(job, "parallel", k=matts.k, seed=seed, lesson_namespace=default_lesson_namespace(job))
+        return cls(
+            job,
+            "parallel",
+            k=matts.k,
+            seed=seed,
+            lesson_namespace=default_lesson_namespace(job),
+            profile=matts.profile,
+        )
 
     @property
     def parallel(self) -> bool:
@@ -710,7 +760,7 @@ class MattsPlan:
         return self.job.agent
 
     def groups(self) -> RolloutGroups:
-        return RolloutGroups(self.k)
+        return RolloutGroups(self.k, profile=self.profile)
 
     def transform(
         self, subtasks: Iterable[Subtask], sink: RolloutSink | DirectSink | None = None
@@ -724,12 +774,15 @@ class MattsPlan:
         if self.mode == "parallel":
             if isinstance(sink, RolloutSink):
                 return sink.groups.expand(subtasks, self.seed)
-            return expand_rollouts(subtasks, self.k, self.seed)
+            return expand_rollouts(subtasks, self.k, self.seed, profile=self.profile)
         if self.mode == "sequential":
             inner = self.inner
             if inner is None:
                 raise ConfigError("a sequential plan needs the job's original agent as its inner agent")
-            return (Subtask(s.id, s.index, refine_task(s.task, inner, self.r)) for s in subtasks)
+            return (
+                Subtask(s.id, s.index, refine_task(s.task, inner, self.r, profile=self.profile))
+                for s in subtasks
+            )
         return iter(subtasks)
 
     def wrap_sink(
@@ -740,11 +793,16 @@ class MattsPlan:
         store_lesson: LessonStore | None = None,
     ) -> RolloutSink | DirectSink:
         """The sink the coordinator writes to. Parallel: a :class:`RolloutSink` over ``main`` and
-        ``rollouts``; otherwise ``main`` unchanged (behind a :class:`DirectSink`)."""
+        ``rollouts``; otherwise ``main`` unchanged (behind a :class:`DirectSink`). A job without
+        memory (the control of a comparison) stores no lessons: they would reach the runs after it."""
         if not self.parallel:
             return DirectSink(main)
         return RolloutSink(
-            main, rollouts, self.groups(), store_lesson=store_lesson, lesson_namespace=self.lesson_namespace
+            main,
+            rollouts,
+            self.groups(),
+            store_lesson=store_lesson if self.job.memory else None,
+            lesson_namespace=self.lesson_namespace,
         )
 
     @staticmethod

@@ -1,11 +1,17 @@
-"""One worker's life: own one sandbox, run subtasks in it one at a time, record results, clean up.
+"""One worker's life: own a sandbox, run subtasks in it one at a time, record results, clean up.
 
 This is the logic of the ``SandboxWorker`` Ray actor without Ray, so it runs (and is tested) in a
 plain process too. A worker:
 
-* provisions its sandbox once (cold from a backend, or from a warm pool), uploads the job's
+* provisions its sandbox (cold from a backend, or adopted as a warm worker), uploads the job's
   repository into it and asks the runtime how it runs Python (so an agent starts exactly as the
   runtime does, whatever the backend);
+* with the job's ``isolation="worker"`` (the default) keeps that one sandbox for its whole life;
+  with ``isolation="subtask"`` runs every subtask in a sandbox nobody used before: it holds a
+  :class:`~rayflow.sandbox.pool.WarmPool` of size 1 that creates *and prepares* (upload, identity,
+  agent host: what provisioning does) the next sandbox in the background while the current
+  subtask runs, destroys each sandbox right after its subtask, and takes the prepared one for the
+  next subtask. It never has more than one sandbox in use, plus at most one being prepared;
 * holds a short-lived hub token scoped to the job's tenant and namespaces, minted by the hub and
   refreshed before it runs out; the token is handed to each agent run in its environment, never
   baked into the sandbox, so a refreshed token reaches the next subtask;
@@ -23,6 +29,7 @@ plain process too. A worker:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -32,12 +39,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from rayflow.errors import RayflowError, SandboxError
+from rayflow.errors import ConfigError, InvalidInputError, RayflowError, SandboxError
 from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.gc import current_process_owner
+from rayflow.sandbox.pool import SOURCE_READY, PooledSandbox, WarmPool
 from rayflow.sandbox.spec import ExecResult, NetworkPolicy, SandboxSpec
 from rayflow.swarm.job import AgentRef, Job, subtask_result_namespace
 from rayflow.wire.guest_commands import AGENT_HOST_SOCKET, launcher_argv, runtime_argv
+from rayflow.wire.hub_endpoint import CA_ENV, SERVER_NAME_ENV, HubEndpoint
 from rayflow.wire.subtasks import Phase, PhaseEvent, Subtask, SubtaskResult
 
 log = logging.getLogger("rayflow.swarm.worker_core")
@@ -59,15 +68,6 @@ AGENT_HOST_PING_S = 30.0
 PRELOADABLE_PREFIX = "rayflow."
 
 
-@dataclass(frozen=True)
-class HubAccess:
-    """How a sandbox reaches the hub: its QUIC address and the CA certificate to pin."""
-
-    host: str
-    port: int
-    ca_pem: bytes
-
-
 class TokenMinter(Protocol):
     """Mints a hub token: ``(subject, namespaces, ttl_s) -> JWT`` for the job's tenant."""
 
@@ -86,16 +86,21 @@ class WorkerPlan:
     token_ttl_s: int
     memory: bool
     results_namespace: str
+    #: ``"worker"``: one sandbox for the worker's life; ``"subtask"``: a fresh one per subtask.
+    isolation: str = "worker"
+    #: The job's tenant (names who holds a pooled sandbox).
+    tenant: str = "default"
 
     @classmethod
-    def for_job(cls, job: Job, hub: HubAccess | None) -> WorkerPlan:
+    def for_job(cls, job: Job, hub: HubEndpoint | None) -> WorkerPlan:
         if hub is not None:
             network = NetworkPolicy.hub_and(hub.host, hub.port, *job.allow)
         elif job.allow:
             network = NetworkPolicy.allow_list(*job.allow)
         else:
             network = NetworkPolicy.none()
-        env = {"RAYFLOW_HUB_CA": hub.ca_pem.decode()} if hub is not None else {}
+        # The hub's address as the sandbox reaches it (RAYFLOW_HUB_HOST/PORT) is the backend's to set.
+        env = {CA_ENV: hub.ca_pem.decode(), SERVER_NAME_ENV: hub.server_name} if hub is not None else {}
         spec = SandboxSpec(
             image=job.image,
             limits=job.limits,
@@ -114,6 +119,8 @@ class WorkerPlan:
             token_ttl_s=job.token_ttl_s,
             memory=job.memory and hub is not None,
             results_namespace=job.results_namespace,
+            isolation=job.isolation,
+            tenant=job.tenant,
         )
 
 
@@ -207,8 +214,24 @@ def result_record(result: SubtaskResult) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What preparing one pooled sandbox found, kept until the sandbox is taken."""
+
+    #: The plan's generation it was prepared for (``adopt`` starts a new one).
+    generation: int
+    identity: dict[str, Any]
+    agent_host: bool
+
+
 class WorkerCore:
-    """A worker and its one sandbox. Not thread-safe: a worker runs one subtask at a time by design."""
+    """A worker and its sandbox: one for its whole life, or one per subtask (``plan.isolation``).
+
+    Either way it has at most one sandbox in use at a time; with ``isolation="subtask"`` its pool
+    prepares at most one more in the background, so at most two exist at once (one still being
+    destroyed included). Not thread-safe: a worker runs one subtask at a time by design; only
+    ``close`` may come from another thread (it ends a running subtask).
+    """
 
     def __init__(
         self,
@@ -216,7 +239,7 @@ class WorkerCore:
         plan: WorkerPlan,
         create_sandbox: Callable[[SandboxSpec], Sandbox],
         *,
-        hub: HubAccess | None = None,
+        hub: HubEndpoint | None = None,
         mint_token: TokenMinter | None = None,
         node_id: str = "",
         owner: str | None = None,
@@ -238,16 +261,37 @@ class WorkerCore:
         self._lock = threading.Lock()
         self._closed = False
         self._agent_host = False
+        #: isolation="subtask": the pool preparing the next sandbox, and what preparing found.
+        self._pool: WarmPool | None = None
+        self._prepared: dict[str, _Prepared] = {}
+        self._generation = 0
+        #: Whether a subtask ran in the sandbox in use (subtask isolation never runs a second).
+        self._used = False
 
     # -- life ------------------------------------------------------------------------------
     @property
     def sandbox(self) -> Sandbox | None:
+        """The sandbox in use; with subtask isolation ``None`` between subtasks."""
         return self._sandbox
 
     def start(self) -> list[PhaseEvent]:
-        """Provision the sandbox (create, upload, identify); returns the provision span."""
+        """Provision the sandbox (create, upload, identify); returns the provision span.
+
+        With subtask isolation the sandbox comes from the worker's pool, which then starts
+        preparing the next one at once.
+        """
         started = self._clock()
         spec = replace(self.plan.spec, owner=self._owner)
+        if self.plan.isolation == "subtask":
+            try:
+                self._pool = self._subtask_pool(spec)
+                sandbox = self._take_fresh()
+            except BaseException:
+                self.close()
+                raise
+            return [PhaseEvent(Phase.PROVISION, self.worker_id, started, self._clock(), sandbox.id)]
+        if self.plan.isolation != "worker":
+            raise ConfigError(f"unknown isolation {self.plan.isolation!r}", worker=self.worker_id)
         sandbox = self._create(spec)
         self._sandbox = sandbox
         try:
@@ -265,19 +309,40 @@ class WorkerCore:
 
         A warm worker's sandbox was made for the same profile (image, limits, network, env); a plan
         for a different profile is refused, because its sandbox would not be what the job asked for.
+        So is a plan of another isolation: a worker's isolation is fixed when it starts.
+
+        With subtask isolation, adopting is handled, not refused: the sandbox in use has run no
+        subtask (a warm worker runs none), so it gets the new repository as in worker isolation;
+        the sandbox the pool prepared for the earlier plan is destroyed (the pool prepares one for
+        ``plan``), and one still being prepared for it is destroyed when taken, never used.
         """
         sandbox = self._sandbox
-        if sandbox is None or self._closed:
+        if self._closed or (sandbox is None and self._pool is None):
             raise SandboxError("this worker has no sandbox to adopt into", worker=self.worker_id)
         if sandbox_profile(plan.spec) != sandbox_profile(self.plan.spec):
             raise SandboxError("the job's sandbox profile differs from this warm worker's", worker=self.worker_id)
+        if plan.isolation != self.plan.isolation:
+            raise SandboxError(
+                f"the job's isolation ({plan.isolation}) differs from this warm worker's",
+                worker=self.worker_id,
+                isolation=self.plan.isolation,
+            )
         started = self._clock()
-        self.plan = plan
+        with self._lock:
+            self.plan = plan
+            self._generation += 1
         self.worker_id = worker_id
         self._token = None
         client, self._hub_client = self._hub_client, None
         if client is not None:
             client.close()
+        if self._pool is not None:
+            self._pool.discard_ready()
+            if sandbox is None or self._used:
+                self._release_current()
+                sandbox = self._take_fresh()
+                return [PhaseEvent(Phase.PROVISION, worker_id, started, self._clock(), sandbox.id)]
+        assert sandbox is not None
         if plan.upload:
             sandbox.upload(Path(plan.upload), ".")
         self._agent_host = self._agent_host_answers(sandbox)
@@ -292,18 +357,112 @@ class WorkerCore:
 
     def _start_agent_host(self, sandbox: Sandbox) -> None:
         """Start the agent host; when it fails, subtasks start fresh runners (logged, not fatal)."""
+        self._agent_host = self._launch_agent_host(sandbox, self._identity, self.plan.agent)
+
+    def _launch_agent_host(self, sandbox: Sandbox, identity: Mapping[str, Any], agent: AgentRef) -> bool:
+        """Start ``sandbox``'s agent host; whether it runs (a failure is logged, not fatal)."""
         try:
-            outcome = sandbox.exec(agent_host_argv(self._identity, self.plan.agent), timeout_s=AGENT_HOST_START_S)
+            outcome = sandbox.exec(agent_host_argv(identity, agent), timeout_s=AGENT_HOST_START_S)
         except RayflowError as exc:
             log.warning("worker %s: the agent host did not start: %s", self.worker_id, exc)
-            self._agent_host = False
-            return
-        self._agent_host = outcome.exit_code == 0
-        if not self._agent_host:
+            return False
+        if outcome.exit_code != 0:
             log.warning(
                 "worker %s: the agent host did not start (exit %s): %s",
                 self.worker_id, outcome.exit_code, _tail(outcome.stderr)[-400:],
             )
+        return outcome.exit_code == 0
+
+    # -- a fresh sandbox per subtask (isolation="subtask") -----------------------------------
+    def _subtask_pool(self, spec: SandboxSpec) -> WarmPool:
+        """The pool of size 1 that prepares this worker's next sandbox while a subtask runs.
+
+        Its owner is this worker's owner with a ``/pool`` suffix, so a sweep reaps its sandboxes
+        (in use or being prepared) once the worker's process is gone, as it reaps a worker's one
+        sandbox. An acquire waits for the sandbox being prepared rather than start a second.
+        """
+        return WarmPool.from_create(
+            self._create,
+            spec,
+            size=1,
+            max_size=2,
+            refill_workers=1,
+            pool_id=f"{self._owner}/pool",
+            ready_check=None,
+            prepare=self._prepare,
+            wait_for_refill=True,
+        )
+
+    def _prepare(self, sandbox: Sandbox) -> None:
+        """Make a pooled sandbox what ``start`` makes the worker's one sandbox: the job's repository
+        uploaded, the runtime's identity read, the agent host started (in the pool's thread, or the
+        acquiring one). Raises :class:`ConfigError` or :class:`SandboxError`; the pool then destroys
+        the sandbox and never hands it out."""
+        with self._lock:
+            plan, generation = self.plan, self._generation
+        try:
+            if plan.upload:
+                if not Path(plan.upload).is_dir():
+                    raise ConfigError(f"the job's upload directory {plan.upload} does not exist")
+                sandbox.upload(Path(plan.upload), ".")
+            self._check_open()
+            identity = dict(sandbox.ping())
+            self._check_open()
+            agent_host = self._launch_agent_host(sandbox, identity, plan.agent)
+        except (ConfigError, SandboxError):
+            raise
+        except Exception as exc:
+            message = exc.message if isinstance(exc, RayflowError) else f"{type(exc).__name__}: {exc}"
+            raise SandboxError(
+                f"preparing sandbox {sandbox.id} failed: {message}", worker=self.worker_id
+            ) from exc
+        with self._lock:
+            self._prepared[sandbox.id] = _Prepared(generation, identity, agent_host)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxError("the worker closed", worker=self.worker_id)
+
+    def _take_fresh(self) -> PooledSandbox:
+        """Take a prepared sandbox nobody used from the pool and make it the one in use."""
+        assert self._pool is not None
+        while True:
+            self._check_open()
+            try:
+                sandbox = self._pool.acquire(self.plan.tenant, self.plan.job_name)
+            except InvalidInputError:
+                self._check_open()  # closed meanwhile (the pool with it): say so as the worker
+                raise
+            with self._lock:
+                prepared = self._prepared.pop(sandbox.id, None)
+                current = prepared is not None and prepared.generation == self._generation
+            if prepared is None:
+                self._pool.release(sandbox)
+                raise SandboxError("the pool handed out a sandbox that was not prepared", sandbox=sandbox.id)
+            if current:
+                self._sandbox, self._identity = sandbox, prepared.identity
+                self._agent_host = prepared.agent_host
+                self._used = False
+                return sandbox
+            self._pool.release(sandbox)  # prepared for a plan this worker no longer has (adopt)
+
+    def _renew(self) -> list[PhaseEvent]:
+        """Before a subtask: take the prepared sandbox. Waiting for it is a provision span; a
+        sandbox prepared in time costs no span."""
+        self._release_current()
+        started = self._clock()
+        sandbox = self._take_fresh()
+        if sandbox.source == SOURCE_READY:
+            return []
+        detail = f"{sandbox.id} ({sandbox.source})"
+        return [PhaseEvent(Phase.PROVISION, self.worker_id, started, self._clock(), detail)]
+
+    def _release_current(self) -> None:
+        """Destroy the sandbox in use (subtask isolation, after its subtask)."""
+        sandbox, self._sandbox = self._sandbox, None
+        self._identity, self._agent_host = {}, False
+        if sandbox is not None and self._pool is not None:
+            self._pool.release(sandbox)
 
     def _agent_host_answers(self, sandbox: Sandbox) -> bool:
         try:
@@ -313,7 +472,11 @@ class WorkerCore:
         return outcome.exit_code == 0
 
     def close(self) -> None:
-        """Destroy the sandbox and drop the hub connection; safe to call more than once."""
+        """Destroy the sandbox and drop the hub connection; safe to call more than once.
+
+        With subtask isolation, closing the pool destroys the sandbox in use and the one prepared
+        or being prepared (a preparation under way stops at its next step, then is destroyed).
+        """
         with self._lock:
             if self._closed:
                 return
@@ -325,7 +488,11 @@ class WorkerCore:
             except Exception:  # noqa: BLE001 - closing a connection must not stop the sandbox's removal
                 log.debug("closing the hub client failed", exc_info=True)
         sandbox, self._sandbox = self._sandbox, None
-        if sandbox is not None:
+        if self._pool is not None:
+            self._pool.close()
+            with self._lock:
+                self._prepared.clear()
+        elif sandbox is not None:
             sandbox.destroy()
 
     # -- tokens ----------------------------------------------------------------------------
@@ -347,11 +514,17 @@ class WorkerCore:
     def run(self, subtask: Subtask, *, record: bool = True) -> tuple[SubtaskResult, list[PhaseEvent]]:
         """Run ``subtask`` in the sandbox; returns its result and the spans it took.
 
+        With subtask isolation it runs in a sandbox nobody used (the pool's prepared one, a
+        provision span if it had to be waited for), destroyed as soon as the agent's run ends.
         ``record=False`` skips storing the result in the hub (the coordinator's own steps)."""
+        if self._closed:
+            raise SandboxError("this worker is closed", worker=self.worker_id)
+        events: list[PhaseEvent] = []
+        if self._pool is not None and (self._sandbox is None or self._used):
+            events += self._renew()
         sandbox = self._sandbox
         if sandbox is None or self._closed:
             raise SandboxError("this worker has no sandbox (not started, or closed)", worker=self.worker_id)
-        events: list[PhaseEvent] = []
         token = self.token()
         spec_path = f"{SPEC_DIR}/{_file_name(subtask.id)}.json"
         runner_spec = {
@@ -363,14 +536,20 @@ class WorkerCore:
         if token is not None and self.plan.memory:
             env["RAYFLOW_HUB_TOKEN"] = token
         started = self._clock()
-        sandbox.write_file(spec_path, json.dumps(runner_spec).encode())
-        launch = host_launcher_argv if self._agent_host else agent_launcher_argv
-        outcome = sandbox.exec(
-            launch(self._identity, "run", spec_path),
-            env=env,
-            timeout_s=self.plan.agent.timeout_s + EXEC_GRACE_S,
-        )
-        ended = self._clock()
+        self._used = True
+        try:
+            sandbox.write_file(spec_path, json.dumps(runner_spec).encode())
+            launch = host_launcher_argv if self._agent_host else agent_launcher_argv
+            outcome = sandbox.exec(
+                launch(self._identity, "run", spec_path),
+                env=env,
+                timeout_s=self.plan.agent.timeout_s + EXEC_GRACE_S,
+            )
+            ended = self._clock()
+        finally:
+            if self._pool is not None:
+                # Nothing this subtask's agent left behind may outlive its run.
+                self._release_current()
         result = result_from_run(
             subtask, outcome, started, ended,
             worker_id=self.worker_id, node_id=self.node_id, sandbox_id=sandbox.id,
@@ -406,18 +585,21 @@ class WorkerCore:
 
             assert self._hub is not None
             token = self.token()
-            self._hub_client = SyncHubClient(
-                self._hub.host, self._hub.port, ca_pem=self._hub.ca_pem, token=token or ""
-            )
+            self._hub_client = SyncHubClient.for_endpoint(self._hub, token=token or "")
         return self._hub_client
 
     def describe(self) -> dict[str, Any]:
+        """Where the worker is and what it holds; ``pool``: its pool's counters (hits: sandboxes
+        prepared in time, waits and misses: subtasks that waited for one), with subtask isolation."""
         sandbox = self._sandbox
+        pool = self._pool
         return {
             "worker_id": self.worker_id,
             "node_id": self.node_id,
             "sandbox_id": sandbox.id if sandbox is not None else None,
             "closed": self._closed,
+            "isolation": self.plan.isolation,
+            "pool": dataclasses.asdict(pool.stats()) if pool is not None else None,
         }
 
 
@@ -426,7 +608,6 @@ def _file_name(subtask_id: str) -> str:
 
 
 __all__ = [
-    "HubAccess",
     "TokenMinter",
     "WorkerCore",
     "WorkerPlan",

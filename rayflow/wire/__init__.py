@@ -8,9 +8,9 @@ library, msgpack and aioquic only, no other rayflow package. What lives here:
   channel messages (``channel``), the tar format of uploaded trees (``archive``), the command
   lines that start guest programs (``guest_commands``);
 * the hub's RPC as its clients speak it: frames (``rpc_frames``), the sans-IO connection state
-  (``rpc_protocol``), the asyncio client (``rpc_client``), the op table (``hub_ops``), the records
-  and their wire forms (``memory_records``, ``hub_records``), the typed client (``hub_client``) and
-  where a hub is (``hub_endpoint``);
+  (``rpc_protocol``), the asyncio client (``rpc_client``), the op table (``hub_ops``) and the form
+  of its argument schemas (``op_schema``), the records and their wire forms (``memory_records``,
+  ``hub_records``), the typed client (``hub_client``) and where a hub is (``hub_endpoint``);
 * the swarm's records that subtasks hand back (``subtasks``, ``result_counts``) and the pure steps
   the coordinator runs on either side (``globbing``, ``synthesis``: pattern B runs them in a
   sandbox, pattern A on the host);

@@ -1,7 +1,8 @@
 """Clients of a ReasoningBank hub: ``HubClient`` (async) and ``SyncHubClient`` (blocking).
 
-Both share one description of the ops (:class:`_HubOps`): each method only builds the op's
-arguments and hands them to the transport's ``call``. The async client's transport is
+Both share one description of the ops (:class:`_HubOps`): one method per op of the op table
+(:mod:`rayflow.wire.hub_ops`), whose keyword arguments are the op's argument names; each method only
+builds the op's arguments and hands them to the transport's ``call``. The async client's transport is
 :class:`~rayflow.wire.rpc_client.RpcClient`, whose ``call`` is a coroutine, so its methods are awaited;
 the sync client's is :class:`~rayflow.wire.rpc_client.SyncRpcClient`, which runs that same async client
 on a private loop, so its methods return results. There is no second protocol implementation.
@@ -20,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from rayflow.errors import InvalidInputError, UnknownOperationError
+from rayflow.wire.hub_endpoint import HubEndpoint
 from rayflow.wire.hub_ops import OPS
 from rayflow.wire.hub_records import trajectory_to_wire
 from rayflow.wire.memory_records import Trajectory
@@ -44,9 +47,13 @@ class _HubOps:
     timeout_s: float | None
 
     def _call(self, op: str, **args: Any) -> Any:
+        """Send ``op`` with the arguments that are not None; an op not in the table is never sent."""
+        info = OPS.get(op)
+        if info is None:
+            raise UnknownOperationError(f"op {op[:100]!r} is not in the hub's op table")
         clean = {name: value for name, value in args.items() if value is not None}
         return self._transport.call(
-            op, clean, token=self.token, timeout_s=self.timeout_s, idempotent=OPS[op].idempotent
+            op, clean, token=self.token, timeout_s=self.timeout_s, idempotent=info.idempotent
         )
 
     def health(self) -> Any:
@@ -57,8 +64,9 @@ class _HubOps:
 
     def search(
         self,
-        query: str | Vector,
+        query: str | Vector | None = None,
         *,
+        embedding: Vector | None = None,
         k: int = 5,
         namespace: str = "",
         domain: str | None = None,
@@ -66,12 +74,18 @@ class _HubOps:
         min_confidence: float | None = None,
         mmr_lambda: float | None = None,
     ) -> Any:
-        """Retrieve the ``k`` best items; ``query`` is text or an embedding (sent as float32 bytes)."""
-        text, embedding = (query, None) if isinstance(query, str) else (None, _as_bytes(query))
+        """Retrieve the ``k`` best items for text or an embedding (sent as float32 bytes): give one.
+
+        ``query`` may itself be an embedding (anything but a string is taken as one).
+        """
+        if query is not None and not isinstance(query, str):
+            if embedding is not None:
+                raise InvalidInputError("give exactly one of query or embedding")
+            query, embedding = None, query
         return self._call(
             "search",
-            query=text,
-            embedding=embedding,
+            query=query,
+            embedding=None if embedding is None else _as_bytes(embedding),
             k=k,
             namespace=namespace,
             domain=domain,
@@ -80,8 +94,8 @@ class _HubOps:
             mmr_lambda=mmr_lambda,
         )
 
-    def get(self, item_id: str) -> Any:
-        return self._call("get", id=item_id)
+    def get(self, id: str) -> Any:  # "id" is the op's argument name
+        return self._call("get", id=id)
 
     def store_pattern(
         self,
@@ -139,6 +153,12 @@ class HubClient(_HubOps):
         self.token = token
         self.timeout_s = timeout_s
 
+    @classmethod
+    def for_endpoint(cls, endpoint: HubEndpoint, *, token: str, **options: Any) -> HubClient:
+        """A client of the hub at ``endpoint``: its address, the CA to pin, the name to check."""
+        return cls(*endpoint.address, ca_pem=endpoint.ca_pem, server_name=endpoint.server_name, token=token,
+                   **options)
+
     @property
     def rpc(self) -> RpcClient:
         return self._transport
@@ -162,6 +182,12 @@ class SyncHubClient(_HubOps):
         self._transport = SyncRpcClient(host, port, ca_pem=ca_pem, **options)
         self.token = token
         self.timeout_s = timeout_s
+
+    @classmethod
+    def for_endpoint(cls, endpoint: HubEndpoint, *, token: str, **options: Any) -> SyncHubClient:
+        """A client of the hub at ``endpoint``: its address, the CA to pin, the name to check."""
+        return cls(*endpoint.address, ca_pem=endpoint.ca_pem, server_name=endpoint.server_name, token=token,
+                   **options)
 
     def close(self) -> None:
         self._transport.close()

@@ -107,3 +107,26 @@ def test_sandbox_gc_command_runs_and_reports(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "removed" in proc.stdout
+
+
+def hub_ops_command(*args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayflow", "hub", "ops", *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_hub_ops_as_json_are_the_op_tables_rows():
+    from rayflow.wire.hub_ops import describe_ops
+
+    assert json.loads(hub_ops_command("--json")) == describe_ops()
+
+
+def test_hub_ops_table_lists_every_op_with_its_scope():
+    from rayflow.wire.hub_ops import OPS
+
+    lines = hub_ops_command().splitlines()
+    for op, info in OPS.items():
+        assert any(f" {op} " in line and info.scope in line for line in lines), op

@@ -8,6 +8,7 @@ import pytest
 from rayflow.errors import AuthError, InvalidInputError, ItemNotFoundError, PermissionDeniedError
 from rayflow.hub.server import HubServer
 from rayflow.wire.hub_client import HubClient, SyncHubClient
+from rayflow.wire.hub_ops import OPS
 
 pytestmark = pytest.mark.integration
 
@@ -186,5 +187,25 @@ def test_learning_and_admin_ops_over_rpc(tmp_path):
         other_tenant_admin = client(hub.issue_token("admin", "globex", ["*"], ["admin"]))
         with pytest.raises(ItemNotFoundError):
             await other_tenant_admin.get(item_id)
+
+    run(_with_hub(tmp_path, body))
+
+
+def test_the_server_serves_exactly_the_ops_of_the_table_with_their_schemas(tmp_path):
+    async def body(hub, client):
+        served = hub.rpc.dispatcher.ops
+        assert {op: (dict(o.args), o.idempotent) for op, o in served.items()} == {
+            op: (dict(info.args), info.idempotent) for op, info in OPS.items()
+        }
+
+    run(_with_hub(tmp_path, body))
+
+
+def test_a_client_built_from_the_servers_endpoint_reaches_it(tmp_path):
+    async def body(hub, client):
+        assert hub.endpoint.region == "us-west"
+        token = hub.issue_token("e", "acme", ["*"], RW)
+        async with HubClient.for_endpoint(hub.endpoint, token=token) as direct:
+            assert (await direct.health())["region"] == "us-west"
 
     run(_with_hub(tmp_path, body))

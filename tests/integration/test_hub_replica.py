@@ -16,9 +16,10 @@ CLIENT = textwrap.dedent(
     import json, sys
     from rayflow.errors import RayflowError
     from rayflow.wire.hub_client import SyncHubClient
+    from rayflow.wire.hub_endpoint import HubEndpoint
     spec = json.loads(sys.stdin.read())
     out = {}
-    with SyncHubClient(spec["host"], spec["port"], ca_pem=spec["ca_pem"].encode(), token=spec["token"]) as hub:
+    with SyncHubClient.for_endpoint(HubEndpoint.from_dict(spec["endpoint"]), token=spec["token"]) as hub:
         for step in spec["steps"]:
             try:
                 if step["op"] == "store":
@@ -37,13 +38,7 @@ CLIENT = textwrap.dedent(
 
 def client_process(endpoint, token, steps):
     """Run the hub client in a separate OS process; returns what each step gave."""
-    spec = {
-        "host": endpoint["host"],
-        "port": endpoint["port"],
-        "ca_pem": endpoint["ca_pem"].decode(),
-        "token": token,
-        "steps": steps,
-    }
+    spec = {"endpoint": endpoint.to_dict(), "token": token, "steps": steps}
     proc = subprocess.run(
         [sys.executable, "-c", CLIENT], input=json.dumps(spec), capture_output=True, text=True, timeout=120
     )
@@ -67,8 +62,8 @@ def hub(ray_cluster, tmp_path_factory):
 
     state_dir = str(tmp_path_factory.mktemp("hub-us-west"))
     replica = start_hub_replica("eu-central", state_dir)
-    endpoint = ray.get(replica.endpoint.remote(), timeout=120)
-    assert endpoint["node_id"] == ray_cluster.node_ids["eu-central"]
+    ray.get(replica.endpoint.remote(), timeout=120)
+    assert ray.get(replica.node_id.remote(), timeout=120) == ray_cluster.node_ids["eu-central"]
     assert get_hub_replica("eu-central") is not None
     yield replica
     ray.get(replica.stop.remote(), timeout=60)
@@ -117,7 +112,7 @@ def test_tenants_are_isolated_and_revoked_tokens_refused(hub):
         import jwt
         from rayflow.wire.hub_client import SyncHubClient
         payload = jwt.decode({victim!r}, options={{"verify_signature": False}})
-        with SyncHubClient({endpoint['host']!r}, {endpoint['port']}, ca_pem={endpoint['ca_pem']!r},
+        with SyncHubClient({endpoint.host!r}, {endpoint.port}, ca_pem={endpoint.ca_pem!r},
                            token={admin!r}) as hub:
             hub.revoke(payload["jti"], expires_at=payload["exp"])
         """

@@ -5,7 +5,8 @@ runs the fixer (or a small agent written here) several times in one work directo
 :func:`rayflow.guest.runner.run_spec`. Parallel: three rollouts of the fixer on one module run as
 three ``python -m rayflow.guest run`` processes at once, each in its own copy of the codebase (as
 each would have its own sandbox), and their results are grouped, judged and logged by the same
-sink a job runner uses.
+sink a job runner uses. The fixer's jobs name its profile (:mod:`rayflow.jobs.fixer_profile`);
+the small agents written here run with the defaults, as any agent MaTTS knows nothing about.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ import pytest
 from rayflow.guest.agents.repairs import DEFAULT_ORDER
 from rayflow.guest.runner import run_spec
 from rayflow.jobs.demo_codebase import ModuleInfo, generate_codebase
+from rayflow.jobs.fixer_profile import FIXER, FIXER_PROFILE, fixer_matts
 from rayflow.swarm.job import AgentRef, Job, Matts, TaskList
-from rayflow.swarm.matts import MattsPlan, RolloutSink
+from rayflow.swarm.matts import CONTRAST_TAGS, MattsPlan, RolloutSink
 from rayflow.swarm.results_log import ResultsLog
 from rayflow.swarm.worker_core import parse_runner_output
 from rayflow.wire.subtasks import Subtask, SubtaskResult
 
 pytestmark = pytest.mark.integration
 
-FIXER = "rayflow.guest.agents.fixer:fix_module"
 REFINE = {"kind": "python", "target": "rayflow.guest.agents.matts_refine:refine"}
-REVISE = "rayflow.guest.agents.matts_refine:untried_strategies_first"
+REVISE = FIXER_PROFILE.reviser
 HUB_ENV = ("RAYFLOW_HUB_HOST", "RAYFLOW_HUB_PORT", "RAYFLOW_HUB_CA", "RAYFLOW_HUB_TOKEN")
 #: Starts the runner only once stdin closes, so a test can hold several processes at the gate.
 GATED_RUNNER = (
@@ -143,6 +144,13 @@ def learns(context):
 
 def breaks(context):
     raise ValueError("attempt " + str(context.task["refinement"]) + " broke")
+
+
+def second_rollout_wins(context):
+    """Fails in every parallel rollout but rollout 1."""
+    if context.task["rollout"] != 1:
+        raise ValueError("rollout " + str(context.task["rollout"]) + " found nothing")
+    return {"passed": True, "answer": 42}
 '''
 
 
@@ -173,6 +181,20 @@ def test_refine_reports_the_last_error_when_no_attempt_returned(local_agents, tm
     assert not result["ok"]
     assert result["error"]["code"] == "agent_failed"
     assert "attempt 2 broke" in result["error"]["message"]
+
+
+def test_a_generic_agent_is_refined_through_a_sequential_plan_with_the_defaults(local_agents, tmp_path):
+    job = Job(
+        AgentRef.python(f"{local_agents}:learns"),
+        TaskList([{"module": "m.py"}]),
+        name="probe-seq",
+        matts=Matts("sequential", r=5),
+    )
+    plan = MattsPlan.for_job(job)
+    task = next(plan.transform([Subtask("probe-0", 0, {"module": "m.py"})])).task
+    result = run_spec({"agent": plan.agent.to_spec(), "task": task, "workdir": str(tmp_path)})
+    assert result["ok"], result["error"]
+    assert result["value"]["passed"] and result["value"]["matts"]["used"] == 3
 
 
 def test_refine_runs_a_shell_agent_until_it_exits_zero(tmp_path):
@@ -206,7 +228,7 @@ def test_three_rollouts_run_as_processes_at_once_and_are_grouped_judged_and_all_
         AgentRef.python(FIXER),
         TaskList([{**module.task(), "memory": False}]),
         name="matts-k3",
-        matts=Matts("parallel", k=3),
+        matts=fixer_matts("parallel", k=3),
     )
     plan = MattsPlan.for_job(job, seed=1)
     main_log = ResultsLog(tmp_path / "matts-k3.jsonl")
@@ -271,4 +293,58 @@ def test_three_rollouts_run_as_processes_at_once_and_are_grouped_judged_and_all_
     namespace, lesson = lessons[0]
     assert namespace == "swarm/matts-k3/lessons"
     assert f"strategy:{module.strategy}" in lesson["tags"] and lesson["outcome"] == "success"
+    assert f"sig:{value['signature_id']}" in lesson["tags"]
     assert lesson["source_task"] == module.name
+
+
+def test_a_generic_agents_rollouts_are_judged_and_contrasted_with_the_defaults(local_agents, tmp_path):
+    job = Job(
+        AgentRef.python(f"{local_agents}:second_rollout_wins"),
+        TaskList([{}]),
+        name="probe-par",
+        matts=Matts("parallel", k=3),
+    )
+    plan = MattsPlan.for_job(job)
+    main_log = ResultsLog(tmp_path / "probe-par.jsonl")
+    lessons: list[dict[str, Any]] = []
+    sink = plan.wrap_sink(main_log, store_lesson=lambda ns, args: lessons.append(args))
+    for rollout in plan.transform([Subtask("probe-0", 0, {})], sink):
+        ran = run_spec({"agent": plan.agent.to_spec(), "task": dict(rollout.task), "workdir": str(tmp_path)})
+        value, error = ran.get("value"), ran.get("error")
+        sink.append(SubtaskResult(rollout.id, rollout.index, ran["ok"], value=value, error=error))
+    main_log.close()
+    grouped = list(ResultsLog(main_log.path, readonly=True))
+    assert [r.subtask_id for r in grouped] == ["probe-0"]
+    assert grouped[0].ok and grouped[0].value["answer"] == 42 and grouped[0].value["matts"]["winner"] == 1
+    assert [lesson["tags"] for lesson in lessons] == [[*CONTRAST_TAGS, "agent_failed"]]
+
+
+# --- the fixer's profile against the real fixer ---------------------------------------------------------------
+def test_a_real_fixer_value_has_every_field_its_profile_reads(codebase, tmp_path):
+    pristine, modules = codebase
+    module = modules[1]
+    work = work_copy(pristine, tmp_path / "work")
+    order = wrong_first(module)[::-1]
+    task = {**module.task(), "memory": False, "max_attempts": 1, FIXER_PROFILE.order_field: order}
+    result = run_spec({"agent": {"kind": "python", "target": FIXER}, "task": task, "workdir": str(work)})
+    assert result["ok"], result["error"]
+    value = result["value"]
+    assert FIXER_PROFILE.chosen_field in value
+    assert value[FIXER_PROFILE.signature_field] and value[FIXER_PROFILE.signature_id_field]
+    tries = value[FIXER_PROFILE.tries_field]
+    assert tries and all(
+        {FIXER_PROFILE.try_name_key, FIXER_PROFILE.try_edit_key, "passed"} <= set(entry) for entry in tries
+    )
+
+
+def test_the_fixer_tries_strategies_in_the_order_its_profiles_order_field_gives(codebase, tmp_path):
+    pristine, modules = codebase
+    # A module whose repair is not the fixer's first by default, put first by the order field.
+    module = next(m for m in modules if m.strategy != DEFAULT_ORDER[0])
+    work = work_copy(pristine, tmp_path / "work")
+    order = wrong_first(module)[::-1]
+    task = {**module.task(), "memory": False, "max_attempts": 1, FIXER_PROFILE.order_field: order}
+    result = run_spec({"agent": {"kind": "python", "target": FIXER}, "task": task, "workdir": str(work)})
+    assert result["ok"], result["error"]
+    tried = result["value"][FIXER_PROFILE.tries_field]
+    assert [entry[FIXER_PROFILE.try_name_key] for entry in tried] == [module.strategy]

@@ -50,7 +50,7 @@ def test_results_are_recorded_in_the_hub_namespace_of_the_job(swarm):
     endpoint = swarm.endpoint()
     token = ray.get(swarm.hub.issue_token.remote("reader", job.tenant, [job.results_scope],
                                                   ["reasoningbank:read"]))
-    with SyncHubClient(endpoint["host"], endpoint["port"], ca_pem=endpoint["ca_pem"], token=token) as hub:
+    with SyncHubClient.for_endpoint(endpoint, token=token) as hub:
         hits = hub.search("result of", k=10, namespace=job.results_namespace, domain="swarm-result")
     assert sorted(hit["item"]["source_task"] for hit in hits) == [f"{job.name}-{i:05d}" for i in range(3)]
 

@@ -19,7 +19,7 @@ from rayflow.sandbox.process import ProcessBackend
 from rayflow.swarm.coordinator_core import CoordinatorCore, HubSession
 from rayflow.swarm.dispatch_loop import ThreadFleet, ThreadWorker
 from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
-from rayflow.swarm.worker_core import HubAccess, WorkerCore, WorkerPlan
+from rayflow.swarm.worker_core import WorkerCore, WorkerPlan
 from rayflow.wire.hub_client import SyncHubClient
 from rayflow.wire.subtasks import Subtask
 
@@ -34,18 +34,16 @@ def hub(tmp_path_factory) -> Iterator[BackgroundHub]:
 
 @pytest.fixture(scope="module")
 def session(hub) -> HubSession:
-    host, port = hub.address
-
     def mint(sub: str, namespaces: list[str], ttl_s: int) -> str:
         return hub.issue_token(sub, "acme", namespaces, ttl_s=ttl_s)
 
-    return HubSession(HubAccess(host, port, hub.ca_pem), mint)
+    return HubSession(hub.endpoint, mint)
 
 
 def thread_fleet(session: HubSession, backend, workers: int = 2):
     def make(plan: WorkerPlan) -> ThreadFleet:
         return ThreadFleet(
-            lambda worker_id: WorkerCore(worker_id, plan, backend.create, hub=session.access,
+            lambda worker_id: WorkerCore(worker_id, plan, backend.create, hub=session.endpoint,
                                          mint_token=session.mint),
             workers,
         )
@@ -54,9 +52,8 @@ def thread_fleet(session: HubSession, backend, workers: int = 2):
 
 
 def read_namespace(hub: BackgroundHub, namespace: str, query: str) -> list[dict]:
-    host, port = hub.address
     token = hub.issue_token("reader", "acme", [f"{namespace}/*"], ["reasoningbank:read"])
-    with SyncHubClient(host, port, ca_pem=hub.ca_pem, token=token) as client:
+    with SyncHubClient.for_endpoint(hub.endpoint, token=token) as client:
         return [hit["item"] for hit in client.search(query, k=20, namespace=namespace)]
 
 
@@ -126,7 +123,7 @@ def test_an_answer_lost_after_recording_is_recovered_from_the_hub_not_rerun(hub,
             return _map(future, lambda started: (AnswerLostWorker(started[0].core, self._pool), started[1]))
 
     def make(plan):
-        return LosingFleet(lambda worker_id: WorkerCore(worker_id, plan, backend.create, hub=session.access,
+        return LosingFleet(lambda worker_id: WorkerCore(worker_id, plan, backend.create, hub=session.endpoint,
                                                           mint_token=session.mint), 1)
 
     outcome = CoordinatorCore(job, make, tmp_path / "out", hub=session).run()
@@ -150,13 +147,13 @@ def fixing_tasks(root: Path, namespace: str) -> list[dict]:
 
 
 def test_parallel_matts_keeps_every_rollout_and_stores_a_contrast_lesson(hub, session, tmp_path):
-    from rayflow.swarm.job import Matts
+    from rayflow.jobs.fixer_profile import fixer_matts
     from rayflow.swarm.results_log import ResultsLog
 
     tasks = fixing_tasks(tmp_path / "code", "lessons/mp")
     job = Job(AgentRef.python("rayflow.guest.agents.fixer:fix_module"), TaskList(tasks), name="mp", tenant="acme",
               backend="process", workers=2, upload=str(tmp_path / "code"), memory_namespaces=("lessons/mp/*",),
-              matts=Matts("parallel", k=2))
+              matts=fixer_matts("parallel", k=2))
     runner = CoordinatorCore(job, thread_fleet(session, ProcessBackend()), tmp_path / "out", hub=session)
     outcome = runner.run()
     assert outcome.summary["subtasks"] == 3 and outcome.summary["ok"] == 3
@@ -168,12 +165,12 @@ def test_parallel_matts_keeps_every_rollout_and_stores_a_contrast_lesson(hub, se
 
 
 def test_sequential_matts_refines_inside_one_sandbox_until_success(hub, session, tmp_path):
-    from rayflow.swarm.job import Matts
+    from rayflow.jobs.fixer_profile import fixer_matts
 
     tasks = [{**task, "max_attempts": 4} for task in fixing_tasks(tmp_path / "code", "lessons/ms")]
     job = Job(AgentRef.python("rayflow.guest.agents.fixer:fix_module"), TaskList(tasks), name="ms", tenant="acme",
               backend="process", workers=2, upload=str(tmp_path / "code"), memory_namespaces=("lessons/ms/*",),
-              matts=Matts("sequential", r=10))
+              matts=fixer_matts("sequential", r=10))
     outcome = CoordinatorCore(job, thread_fleet(session, ProcessBackend()), tmp_path / "out", hub=session).run()
     assert outcome.summary["ok"] == 3
     from rayflow.swarm.results_log import ResultsLog

@@ -151,9 +151,9 @@ FULL = {
 def test_hub_settings_take_the_ca_as_pem_text() -> None:
     settings = hub_settings(FULL)
 
-    assert (settings.host, settings.port, settings.token) == ("10.0.0.1", 4433, "tok")
-    assert settings.ca_pem == (PEM + "\n").encode()
-    assert settings.server_name == "localhost"
+    assert (settings.endpoint.host, settings.endpoint.port, settings.token) == ("10.0.0.1", 4433, "tok")
+    assert settings.endpoint.ca_pem == (PEM + "\n").encode()
+    assert settings.endpoint.server_name == "localhost"
 
 
 def test_hub_settings_read_the_ca_from_a_file(tmp_path: Path) -> None:
@@ -162,8 +162,8 @@ def test_hub_settings_read_the_ca_from_a_file(tmp_path: Path) -> None:
 
     settings = hub_settings({**FULL, "RAYFLOW_HUB_CA": str(ca), "RAYFLOW_HUB_SERVER_NAME": "hub.internal"})
 
-    assert settings.ca_pem == (PEM + "\n").encode()
-    assert settings.server_name == "hub.internal"
+    assert settings.endpoint.ca_pem == (PEM + "\n").encode()
+    assert settings.endpoint.server_name == "hub.internal"
 
 
 def test_hub_settings_name_every_missing_variable() -> None:

@@ -1,4 +1,9 @@
-"""Parallel MaTTS as pure logic: rollout expansion, grouping, the judge, contrast lessons and the plan."""
+"""Parallel MaTTS as pure logic: rollout expansion, grouping, the judge, contrast lessons and the plan.
+
+The rollouts here are the demo fixer's, so the tests that read its vocabulary (strategies, error
+signatures, tags) use its profile, :data:`rayflow.jobs.fixer_profile.FIXER_PROFILE`; what MaTTS
+does for an agent it knows nothing about is in ``test_matts_generic.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import pytest
 
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
 from rayflow.guest.agents.matts_refine import attempt_succeeded, failed_strategies, untried_strategies_first
+from rayflow.jobs.fixer_profile import FIXER, FIXER_PROFILE, fixer_matts
 from rayflow.swarm.dispatch_loop import DispatchLoop
 from rayflow.swarm.job import AgentRef, Job, Matts, TaskList
 from rayflow.swarm.matts import (
@@ -28,8 +34,6 @@ from rayflow.swarm.matts import (
     split_rollout_id,
 )
 from rayflow.wire.subtasks import Phase, PhaseEvent, Subtask, SubtaskResult
-
-FIXER = "rayflow.guest.agents.fixer:fix_module"
 
 
 def subtasks(n: int, **task: Any) -> list[Subtask]:
@@ -128,7 +132,7 @@ def test_rollout_zero_is_the_task_as_written_and_others_explore_with_their_own_s
 
 def test_a_pinned_strategy_order_is_rotated_per_rollout():
     order = ["a", "b", "c", "d", "e", "f"]
-    expanded = list(expand_rollouts(subtasks(1, strategy_order=order), 3))
+    expanded = list(expand_rollouts(subtasks(1, strategy_order=order), 3, profile=FIXER_PROFILE))
     assert [s.task["strategy_order"][0] for s in expanded] == ["a", "c", "e"]
     assert all(sorted(s.task["strategy_order"]) == order for s in expanded)
 
@@ -167,7 +171,7 @@ def test_groups_emit_exactly_one_result_once_all_rollouts_arrive_in_any_order(or
 
 
 def test_grouped_value_keeps_every_rollout_in_rollout_order():
-    grouped = group_result("job-00000", 0, list(reversed(three_rollouts())), k=3)
+    grouped = group_result("job-00000", 0, list(reversed(three_rollouts())), k=3, profile=FIXER_PROFILE)
     kept = grouped.value["rollouts"]
     assert [r["rollout"] for r in kept] == [0, 1, 2]
     assert [r["subtask_id"] for r in kept] == ["job-00000~r0", "job-00000~r1", "job-00000~r2"]
@@ -287,7 +291,7 @@ def test_judge_refuses_an_empty_group():
 
 # --- contrast -------------------------------------------------------------------------------------
 def test_contrast_names_the_winning_repair_and_the_strategies_that_failed():
-    lesson = contrast(three_rollouts())
+    lesson = contrast(three_rollouts(), profile=FIXER_PROFILE)
     assert lesson["outcome"] == "success"
     assert "strategy:flip_comparison" in lesson["tags"]
     assert "sig:0123456789abcdef" in lesson["tags"]
@@ -300,7 +304,7 @@ def test_contrast_names_the_winning_repair_and_the_strategies_that_failed():
 
 
 def test_contrast_tags_only_the_winner_as_a_strategy_so_failures_are_never_suggested():
-    lesson = contrast(three_rollouts())
+    lesson = contrast(three_rollouts(), profile=FIXER_PROFILE)
     assert [t for t in lesson["tags"] if t.startswith("strategy:")] == ["strategy:flip_comparison"]
 
 
@@ -309,7 +313,7 @@ def test_a_strategy_that_failed_at_one_site_but_worked_at_another_is_not_called_
         rollout(0, k=2, value=fix_value(None, [("flip_comparison", False)])),
         rollout(1, k=2, value=fix_value("flip_comparison", [("flip_comparison", True)])),
     ]
-    assert "failed:flip_comparison" not in contrast(results)["tags"]
+    assert "failed:flip_comparison" not in contrast(results, profile=FIXER_PROFILE)["tags"]
 
 
 def test_contrast_of_rollouts_that_all_failed_is_a_warning_without_a_strategy():
@@ -317,10 +321,63 @@ def test_contrast_of_rollouts_that_all_failed_is_a_warning_without_a_strategy():
         rollout(0, k=2, value=fix_value(None, [("guard_none", False)])),
         rollout(1, k=2, value=fix_value(None, [("reverse_sort", False)])),
     ]
-    lesson = contrast(results)
+    lesson = contrast(results, profile=FIXER_PROFILE)
     assert lesson["outcome"] == "failure"
     assert not [t for t in lesson["tags"] if t.startswith("strategy:")]
     assert {"failed:guard_none", "failed:reverse_sort"} <= set(lesson["tags"])
+
+
+def test_the_fixers_contrast_lesson_is_word_for_word_the_one_its_memory_lookup_was_written_for():
+    assert contrast(three_rollouts(), profile=FIXER_PROFILE) == {
+        "title": "flip_comparison fixes AssertionError where 2 other strategies failed",
+        "description": "contrast of 3 rollouts on 'AssertionError: <num> != <num> in test_counts'",
+        "content": "Failure: AssertionError: <num> != <num> in test_counts\n"
+        "Fix: flip_comparison (rollout 2 of 3, 1 attempts)\n"
+        "Edit: flip_comparison at line 3\n"
+        "Failed here: widen_upper_bound, guard_none\n"
+        "rollout 0: failed; 2 attempts; tried widen_upper_bound, guard_none\n"
+        "rollout 1: succeeded; 2 attempts; tried guard_none, flip_comparison\n"
+        "rollout 2: succeeded; 1 attempts; tried flip_comparison",
+        "tags": [
+            "matts",
+            "contrast",
+            "sig:0123456789abcdef",
+            "strategy:flip_comparison",
+            "failed:widen_upper_bound",
+            "failed:guard_none",
+        ],
+        "domain": "matts",
+        "outcome": "success",
+        "confidence": 0.667,
+        "source_task": "job-00000",
+    }
+
+
+def test_the_fixers_warning_lesson_is_word_for_word_the_one_before_profiles():
+    results = [
+        rollout(0, k=2, value=fix_value(None, [("guard_none", False)])),
+        rollout(1, k=2, value=fix_value(None, [("reverse_sort", False)])),
+    ]
+    assert contrast(results, profile=FIXER_PROFILE) == {
+        "title": "2 strategies failed in 2 rollouts",
+        "description": "contrast of 2 rollouts on 'AssertionError: <num> != <num> in test_counts'",
+        "content": "Failure: AssertionError: <num> != <num> in test_counts\n"
+        "Failed here: guard_none, reverse_sort\n"
+        "rollout 0: failed; 1 attempts; tried guard_none\n"
+        "rollout 1: failed; 1 attempts; tried reverse_sort",
+        "tags": ["matts", "contrast", "sig:0123456789abcdef", "failed:guard_none", "failed:reverse_sort"],
+        "domain": "matts",
+        "outcome": "failure",
+        "confidence": 0.667,
+        "source_task": "job-00000",
+    }
+
+
+def test_a_parallel_plan_contrasts_with_the_profile_its_job_names():
+    groups = MattsPlan.for_job(job(fixer_matts("parallel", k=3))).groups()
+    grouped = [groups.add(result) for result in three_rollouts()][-1]
+    assert grouped is not None
+    assert grouped.lesson == contrast(three_rollouts(), profile=FIXER_PROFILE)
 
 
 def test_contrast_of_generic_agents_says_which_rollout_succeeded_where_others_failed():
@@ -337,7 +394,11 @@ def test_contrast_of_generic_agents_says_which_rollout_succeeded_where_others_fa
 def test_rollouts_that_all_ended_alike_teach_nothing_by_contrast():
     assert contrast([rollout(0, k=2, value={}), rollout(1, k=2, value={})]) is None
     assert (
-        contrast([rollout(0, k=1, value=fix_value("flip_comparison", [("flip_comparison", True)]))]) is None
+        contrast(
+            [rollout(0, k=1, value=fix_value("flip_comparison", [("flip_comparison", True)]))],
+            profile=FIXER_PROFILE,
+        )
+        is None
     )
 
 
@@ -347,7 +408,7 @@ def test_rollout_sink_logs_every_rollout_and_one_grouped_result_and_stores_its_l
     sink = RolloutSink(
         main,
         rollouts,
-        RolloutGroups(3),
+        RolloutGroups(3, profile=FIXER_PROFILE),
         store_lesson=lambda ns, args: stored.append((ns, args)),
         lesson_namespace="swarm/job/lessons",
     )
@@ -392,12 +453,18 @@ def test_a_plan_without_matts_changes_nothing():
 
 
 def test_a_sequential_plan_swaps_the_agent_and_names_the_original_as_inner():
-    plan = MattsPlan.for_job(job(Matts("sequential", r=4)))
+    plan = MattsPlan.for_job(job(fixer_matts("sequential", r=4)))
     assert plan.agent.target == REFINE_AGENT and plan.agent.timeout_s == 240
     task = next(plan.transform(subtasks(1))).task
     assert task["inner"] == FIXER and task["r"] == 4
     assert task["revise"] == "rayflow.guest.agents.matts_refine:untried_strategies_first"
     assert task["module"] == "app/mod_000.py"
+
+
+def test_a_task_that_names_its_own_reviser_keeps_it():
+    plan = MattsPlan.for_job(job(fixer_matts("sequential", r=2)))
+    task = next(plan.transform([Subtask("s", 0, {"revise": "mine:revise"})])).task
+    assert task["revise"] == "mine:revise"
 
 
 def test_a_sequential_plan_passes_a_shell_agent_as_a_spec():
@@ -416,6 +483,15 @@ def test_a_parallel_plan_expands_subtasks_and_groups_results_through_its_sink():
         sink.append(SubtaskResult(rolled.id, rolled.index, True, value={"passed": True}))
     assert [r.subtask_id for r in main.results] == ["job-00001", "job-00000"]
     assert len(rollouts.results) == 6
+
+
+def test_a_job_without_memory_stores_no_lessons():
+    stored: list[tuple[str, dict[str, Any]]] = []
+    plan = MattsPlan.for_job(job(fixer_matts("parallel", k=3), memory=False))
+    sink = plan.wrap_sink(ListSink(), store_lesson=lambda ns, args: stored.append((ns, args)))
+    for result in three_rollouts():
+        sink.append(result)
+    assert stored == []
 
 
 def test_lessons_default_to_the_jobs_first_concrete_memory_namespace():

@@ -14,7 +14,8 @@ from rayflow.errors import (
     TooEarlyError,
     UnknownOperationError,
 )
-from rayflow.rpc.dispatch import Arg, CallContext, Dispatcher, optional
+from rayflow.rpc.dispatch import CallContext, Dispatcher
+from rayflow.wire.op_schema import Arg, optional
 from rayflow.wire.rpc_frames import Request, decode_response
 
 

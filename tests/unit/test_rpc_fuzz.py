@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rayflow.errors import RayflowError
-from rayflow.rpc.dispatch import Arg, Dispatcher, optional
+from rayflow.rpc.dispatch import Dispatcher
+from rayflow.wire.op_schema import Arg, optional
 from rayflow.wire.rpc_frames import FrameDecoder, decode_request, decode_response
 from rayflow.wire.rpc_protocol import CallReceived, ProtocolFailure, RpcServerConnection, StreamRefused
 

@@ -17,12 +17,12 @@ from rayflow.swarm.job import (
     subtasks_of,
 )
 from rayflow.swarm.worker_core import (
-    HubAccess,
     WorkerPlan,
     agent_launcher_argv,
     parse_runner_output,
     result_from_run,
 )
+from rayflow.wire.hub_endpoint import HubEndpoint
 from rayflow.wire.subtasks import Subtask
 
 
@@ -90,12 +90,33 @@ def test_worker_tokens_cover_the_results_subtree_and_the_shared_memory():
     assert job.token_namespaces() == ["swarm/t/*", "lessons/*"]
 
 
+def test_isolation_defaults_to_one_sandbox_per_worker_and_is_carried_in_the_plan():
+    assert Job(AgentRef.shell("true"), TaskList([{}])).isolation == "worker"
+    job = Job(AgentRef.shell("true"), TaskList([{}]), name="t", tenant="acme", isolation="subtask")
+    plan = WorkerPlan.for_job(job, None)
+    assert (plan.isolation, plan.tenant) == ("subtask", "acme")
+
+
+def test_the_coordinators_own_sandbox_keeps_one_sandbox_whatever_the_jobs_isolation():
+    from rayflow.swarm.coordinator_core import step_plan_for
+
+    job = Job(AgentRef.shell("true"), TaskList([{}]), name="t", isolation="subtask")
+    assert step_plan_for(WorkerPlan.for_job(job, None)).isolation == "worker"
+
+
+@pytest.mark.parametrize("isolation", ["process", "", "Subtask", None])
+def test_an_unknown_isolation_is_refused(isolation):
+    with pytest.raises(ConfigError, match="isolation"):
+        Job(AgentRef.shell("true"), TaskList([{}]), isolation=isolation)
+
+
 def test_a_plan_with_a_hub_and_extra_endpoints_allows_both():
     job = Job(AgentRef.shell("true"), TaskList([{}]), name="t", allow=(("127.0.0.1", 9000),))
-    plan = WorkerPlan.for_job(job, HubAccess("127.0.0.1", 4433, b"pem"))
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    plan = WorkerPlan.for_job(job, HubEndpoint("127.0.0.1", 4433, pem))
     assert plan.spec.network.mode is NetworkMode.ALLOW_LIST
     assert plan.spec.network.hub.port == 4433
-    assert plan.spec.env["RAYFLOW_HUB_CA"] == "pem"
+    assert plan.spec.env["RAYFLOW_HUB_CA"] == pem.decode()
 
 
 def test_the_launcher_uses_the_runtimes_interpreter_and_path():

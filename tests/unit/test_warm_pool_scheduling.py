@@ -1,4 +1,5 @@
-"""``WarmPool`` scheduling against an in-memory backend: hits, misses, refill, age, bounds, no reuse."""
+"""``WarmPool`` scheduling against an in-memory backend: hits, misses, waits, refill, prepare, age, bounds,
+no reuse."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ import pytest
 
 from rayflow.errors import ConfigError, InvalidInputError, OverloadedError, RayflowError
 from rayflow.sandbox.gc import parse_owner
-from rayflow.sandbox.pool import JOB_LABEL, POOL_LABEL, TENANT_LABEL, PoolLedger, WarmPool
+from rayflow.sandbox.pool import (
+    JOB_LABEL,
+    POOL_LABEL,
+    SOURCE_MISS,
+    SOURCE_READY,
+    SOURCE_REFILL,
+    TENANT_LABEL,
+    Lease,
+    PooledSandbox,
+    PoolLedger,
+    WarmPool,
+)
 from rayflow.sandbox.spec import ExecResult, Limits, SandboxSpec, SandboxStats
 
 SPEC = SandboxSpec(owner="caller", limits=Limits(wall_time_s=3600.0))
@@ -348,3 +360,189 @@ def test_ledger_counts_everything_held_against_the_bound() -> None:
     ledger.starting_for_miss = 1
     ledger.destroying = 1
     assert ledger.refill_wanted() == 1
+
+
+# --- waiting for a background start, prepare, create functions --------------------------------------
+def test_ledger_lets_an_acquire_wait_only_for_a_start_under_way_nobody_else_waits_for() -> None:
+    ledger = PoolLedger(size=1, max_size=2, ttl_s=10.0, wait_for_refill=True)
+    assert not ledger.claim_refill()  # nothing under way: the acquire starts one itself
+    assert ledger.begin_refill()
+    assert ledger.claim_refill()
+    assert not ledger.claim_refill()  # the one start is someone else's already
+    ledger.release_claim()
+    assert ledger.awaiting_refill == 0 and ledger.claim_refill()
+
+
+def test_ledger_without_wait_for_refill_never_lets_an_acquire_wait() -> None:
+    ledger = PoolLedger(size=1, max_size=2, ttl_s=10.0)
+    assert ledger.begin_refill()
+    assert not ledger.claim_refill()
+
+
+def test_ledger_stops_waits_once_closed() -> None:
+    ledger = PoolLedger(size=1, max_size=2, ttl_s=10.0, wait_for_refill=True)
+    ledger.begin_refill()
+    ledger.close()
+    assert not ledger.claim_refill()
+
+
+def test_ledger_counts_a_waited_hand_out_apart_from_hits() -> None:
+    ledger = PoolLedger(size=2, max_size=4, ttl_s=10.0)
+    spec = SandboxSpec(owner="x")
+    for n in (1, 2):
+        ledger.begin_refill()
+        ledger.end_refill(FakeSandbox(f"s-{n}", spec), 0.0)
+    lease = Lease("t", "j", 0.0)
+    ledger.hand_out(ledger.take_ready(), lease)
+    ledger.hand_out(ledger.take_ready(), lease, waited=True)
+    stats = ledger.stats()
+    assert (stats.hits, stats.waits, stats.misses, stats.leased) == (1, 1, 0, 2)
+
+
+def test_ledger_drop_ready_empties_the_queue_into_destroying() -> None:
+    ledger = PoolLedger(size=2, max_size=4, ttl_s=10.0)
+    for n in (1, 2):
+        ledger.begin_refill()
+        ledger.end_refill(FakeSandbox(f"s-{n}", SandboxSpec(owner="x")), 0.0)
+    doomed = ledger.drop_ready()
+    assert [s.id for s in doomed] == ["s-1", "s-2"]
+    assert (len(ledger.ready), ledger.destroying, ledger.total()) == (0, 2, 2)
+    assert ledger.refill_wanted() == 2
+
+
+class GatedBackend(FakeBackend):
+    """Each ``create`` waits until the test opens the gate, so a start can be caught under way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def create(self, spec: SandboxSpec) -> FakeSandbox:
+        self.entered.release()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().create(spec)
+
+
+def test_acquire_with_wait_for_refill_waits_for_the_start_under_way_instead_of_a_second() -> None:
+    backend = GatedBackend()
+    with WarmPool(backend, SPEC, size=1, max_size=2, ttl_s=60.0, wait_for_refill=True) as pool:
+        assert backend.entered.acquire(timeout=30)  # the background start is under way
+        got: list[PooledSandbox] = []
+        waiter = threading.Thread(target=lambda: got.append(pool.acquire("tenant-a", "job-1")))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive() and not got  # waiting for it, not starting one of its own
+        assert pool.stats().misses == 0
+        backend.gate.set()
+        waiter.join(30)
+        assert got and got[0].source == SOURCE_REFILL and got[0].sandbox is backend.made[0]
+        stats = pool.stats()
+        assert (stats.hits, stats.waits, stats.misses) == (0, 1, 0)
+
+
+def test_acquire_without_wait_for_refill_starts_its_own_while_a_start_is_under_way() -> None:
+    backend = GatedBackend()
+    with WarmPool(backend, SPEC, size=1, max_size=2, ttl_s=60.0) as pool:
+        assert backend.entered.acquire(timeout=30)  # the background start is under way
+        got: list[PooledSandbox] = []
+        taker = threading.Thread(target=lambda: got.append(pool.acquire("tenant-a", "job-1")))
+        taker.start()
+        assert backend.entered.acquire(timeout=30)  # ... and the acquire started a second one
+        backend.gate.set()
+        taker.join(30)
+        assert got and got[0].source == SOURCE_MISS and pool.stats().misses == 1
+
+
+def test_a_failing_background_start_ends_the_wait_and_the_acquire_sees_the_error() -> None:
+    backend = FakeBackend()
+    backend.fail_next = 2  # the background start and the acquire's own start both fail
+    with WarmPool(backend, SPEC, size=1, max_size=2, ttl_s=60.0, wait_for_refill=True) as pool:
+        with pytest.raises(RayflowError, match="engine said no"):
+            pool.acquire("tenant-a", "job-1")
+        stats = pool.stats()
+        assert stats.failures == 2 and stats.misses == 1 and pool.leases() == {}
+
+
+def test_prepare_runs_before_a_sandbox_is_queued(backend: FakeBackend) -> None:
+    prepared: list[str] = []
+    pool = WarmPool(
+        backend, SPEC, size=1, ttl_s=60.0, refill_workers=0, prepare=lambda s: prepared.append(s.id)
+    )
+    pool.maintain()
+    assert prepared == [backend.made[0].id] and pool.stats().ready == 1
+    assert pool.acquire("tenant-a", "job-1").source == SOURCE_READY
+    pool.close()
+
+
+def test_prepare_runs_on_a_miss_before_the_acquire_gets_the_sandbox(backend: FakeBackend) -> None:
+    prepared: list[str] = []
+    pool = WarmPool(
+        backend, SPEC, size=1, ttl_s=60.0, refill_workers=0, prepare=lambda s: prepared.append(s.id)
+    )
+    sandbox = pool.acquire("tenant-a", "job-1")
+    assert sandbox.source == SOURCE_MISS and prepared == [sandbox.id]
+    pool.close()
+
+
+def test_a_sandbox_failing_prepare_in_the_background_is_destroyed_and_counted(backend: FakeBackend) -> None:
+    def refuse(sandbox: object) -> None:
+        raise RayflowError("upload refused")
+
+    pool = WarmPool(backend, SPEC, size=1, ttl_s=60.0, refill_workers=0, prepare=refuse)
+    assert pool.maintain() == 0
+    stats = pool.stats()
+    assert (stats.ready, stats.created, stats.failures, stats.destroyed) == (0, 1, 1, 1)
+    assert backend.live() == []
+    pool.close()
+
+
+def test_a_sandbox_failing_prepare_on_a_miss_is_destroyed_and_the_error_raised(backend: FakeBackend) -> None:
+    def refuse(sandbox: object) -> None:
+        raise RayflowError("upload refused")
+
+    pool = WarmPool(backend, SPEC, size=1, max_size=1, ttl_s=60.0, refill_workers=0, prepare=refuse)
+    with pytest.raises(RayflowError, match="upload refused"):
+        pool.acquire("tenant-a", "job-1")
+    stats = pool.stats()
+    assert (stats.failures, stats.creating, stats.leased, stats.destroyed) == (1, 0, 0, 1)
+    assert backend.live() == []
+    # The slot is free again: a later acquire (here failing the same way) is not refused for the bound.
+    with pytest.raises(RayflowError, match="upload refused"):
+        pool.acquire("tenant-a", "job-2", timeout_s=0)
+    pool.close()
+
+
+def test_a_pool_from_a_create_function(backend: FakeBackend) -> None:
+    specs: list[SandboxSpec] = []
+
+    def create(spec: SandboxSpec) -> FakeSandbox:
+        specs.append(spec)
+        return backend.create(spec)
+
+    owner = "proc:h:1:2:3/w-1/pool"
+    pool = WarmPool.from_create(create, SPEC, size=1, ttl_s=60.0, refill_workers=0, pool_id=owner)
+    pool.maintain()
+    sandbox = pool.acquire("tenant-a", "job-1")
+    assert sandbox.sandbox is backend.made[0] and pool.backend is None
+    assert specs[0].owner == owner and specs[0].labels[POOL_LABEL] == owner
+    pool.close()
+    assert backend.live() == []
+
+
+def test_a_pool_needs_a_backend_or_a_create_function_not_both(backend: FakeBackend) -> None:
+    with pytest.raises(ConfigError):
+        WarmPool(None, SPEC, refill_workers=0)
+    with pytest.raises(ConfigError):
+        WarmPool(backend, SPEC, refill_workers=0, create=backend.create)
+
+
+def test_discard_ready_destroys_the_queue_and_the_refill_starts_fresh_ones(
+    pool: WarmPool, backend: FakeBackend
+) -> None:
+    pool.maintain()
+    old = list(backend.made)
+    assert pool.discard_ready() == 2
+    assert all(s.destroyed for s in old) and pool.stats().ready == 0
+    assert pool.maintain() == 2
+    assert {s.id for s in backend.live()}.isdisjoint({s.id for s in old})
