@@ -58,12 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import parse_args, percentile_ms, write_result
 
 from rayflow.sandbox.backend import Sandbox
-from rayflow.sandbox.docker import DockerBackend
+from rayflow.sandbox.docker_backend import DockerBackend
 from rayflow.sandbox.gc import current_process_owner
 from rayflow.sandbox.image import DEFAULT_TAG, build_sandbox_image
-from rayflow.sandbox.local import HostLayout, LocalBackend
+from rayflow.sandbox.local_backend import HostLayout, LocalBackend
 from rayflow.sandbox.pool import WarmPool
-from rayflow.sandbox.process import ProcessBackend
+from rayflow.sandbox.process_backend import ProcessBackend
 from rayflow.sandbox.spec import SandboxSpec
 
 #: Label on the baseline containers, so the final sweep finds them if a removal failed.
@@ -343,7 +343,7 @@ def main() -> None:
     args = parse_args("sandbox", __doc__.splitlines()[0])
     console = Console()
     # The process backend warns at every create that it isolates nothing; known here.
-    logging.getLogger("rayflow.sandbox.process").setLevel(logging.ERROR)
+    logging.getLogger("rayflow.sandbox.process_backend").setLevel(logging.ERROR)
     n = 10 if args.quick else 30
     n_exec = 50 if args.quick else 200
     n_parallel = 3 if args.quick else 7

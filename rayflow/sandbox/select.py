@@ -34,9 +34,9 @@ log = logging.getLogger("rayflow.sandbox.select")
 BACKEND_NAMES = ("docker", "local", "process")
 #: Where each backend's class lives; imported only when that backend is asked for.
 BACKEND_CLASSES = {
-    "docker": ("rayflow.sandbox.docker", "DockerBackend"),
-    "local": ("rayflow.sandbox.local", "LocalBackend"),
-    "process": ("rayflow.sandbox.process", "ProcessBackend"),
+    "docker": ("rayflow.sandbox.docker_backend", "DockerBackend"),
+    "local": ("rayflow.sandbox.local_backend", "LocalBackend"),
+    "process": ("rayflow.sandbox.process_backend", "ProcessBackend"),
 }
 #: How long the Docker engine may take to answer a ping during selection.
 DOCKER_PING_TIMEOUT_S = 5.0
@@ -126,7 +126,7 @@ def probe_docker(image: str, build_image: bool = False) -> Probe:
 
 def bwrap_probe_argv(bwrap: str, privileged: bool) -> list[str]:
     """A ``bwrap`` command making the namespaces the local backend uses, running ``/usr/bin/true``."""
-    from rayflow.sandbox.local import SYSTEM_DIRS
+    from rayflow.sandbox.local_backend import SYSTEM_DIRS
 
     argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
     argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]

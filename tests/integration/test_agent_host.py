@@ -20,7 +20,7 @@ import pytest
 
 from rayflow.guest.agent_host import ready_line
 from rayflow.guest.host_launcher import HEADER, encode, split_frames
-from rayflow.sandbox.process import ProcessBackend
+from rayflow.sandbox.process_backend import ProcessBackend
 from rayflow.swarm.job import AgentRef, Job, TaskList
 from rayflow.swarm.worker_core import WorkerCore, WorkerPlan, host_launcher_argv
 from rayflow.wire.framing import frame
@@ -363,7 +363,7 @@ def test_the_agent_host_dies_with_its_process_sandbox(tmp_path: Path) -> None:
 def test_a_worker_runs_subtasks_through_its_docker_sandboxes_agent_host(
     tmp_path: Path, docker_client: Any
 ) -> None:
-    from rayflow.sandbox.docker import DockerBackend
+    from rayflow.sandbox.docker_backend import DockerBackend
 
     backend = DockerBackend(docker_client)
     plan = probe_plan(tmp_path, backend="docker")

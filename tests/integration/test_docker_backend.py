@@ -21,7 +21,7 @@ import pytest
 
 from rayflow.errors import TransportError
 from rayflow.sandbox import docker_network
-from rayflow.sandbox.docker import BACKEND_LABEL, SANDBOX_LABEL, DockerBackend, DockerSandbox
+from rayflow.sandbox.docker_backend import BACKEND_LABEL, SANDBOX_LABEL, DockerBackend, DockerSandbox
 from rayflow.sandbox.reaper import Reaper
 from rayflow.sandbox.spec import MIB, OWNER_LABEL, Limits, NetworkPolicy, SandboxSpec
 from tests.net_support import DETACHED_LISTENER, TCP_PROBE, UDP_PROBE, HostServer
@@ -337,7 +337,7 @@ def test_close_finishes_the_pending_removals(docker_client: Any) -> None:
 
 def test_interpreter_exit_finishes_the_pending_removals(docker_client: Any) -> None:
     script = (
-        "from rayflow.sandbox.docker import DockerBackend\n"
+        "from rayflow.sandbox.docker_backend import DockerBackend\n"
         "from rayflow.sandbox.spec import SandboxSpec\n"
         "backend = DockerBackend(build_image=False)\n"
         f"sandbox = backend.create(SandboxSpec(owner={OWNER!r}))\n"

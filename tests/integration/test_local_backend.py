@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rayflow.sandbox.local import LocalBackend, Registry, proc_start_ticks
+from rayflow.sandbox.local_backend import LocalBackend, Registry, proc_start_ticks
 from rayflow.sandbox.spec import MIB, KillReason, Limits, NetworkPolicy, SandboxSpec
 
 pytestmark = [

@@ -20,7 +20,7 @@ import pytest
 
 from rayflow.sandbox import local_network, netfilter
 from rayflow.sandbox.gc import owner_alive_by_pid
-from rayflow.sandbox.local import LocalBackend, LocalSandbox
+from rayflow.sandbox.local_backend import LocalBackend, LocalSandbox
 from rayflow.sandbox.spec import MIB, Limits, NetworkPolicy, SandboxSpec
 from tests.net_support import DETACHED_LISTENER, TCP_PROBE, UDP_PROBE, DualServer
 
@@ -151,7 +151,7 @@ CREATOR = """
 import sys, time
 from pathlib import Path
 from rayflow.sandbox.gc import current_process_owner
-from rayflow.sandbox.local import LocalBackend
+from rayflow.sandbox.local_backend import LocalBackend
 from rayflow.sandbox.spec import NetworkPolicy, SandboxSpec
 backend = LocalBackend(registry_dir=Path(sys.argv[1]))
 spec = SandboxSpec(owner=current_process_owner(), network=NetworkPolicy.hub_only("127.0.0.1", 9))

@@ -11,7 +11,7 @@ import pytest
 from rayflow.errors import TransportError
 from rayflow.sandbox.backend import SandboxBackend
 from rayflow.sandbox.channel_sandbox import ChannelSandbox
-from rayflow.sandbox.process import ProcessBackend
+from rayflow.sandbox.process_backend import ProcessBackend
 from rayflow.sandbox.spec import MIB, OWNER_LABEL, Limits, SandboxSpec
 from tests.process_support import wait_gone
 
@@ -59,7 +59,7 @@ def test_the_sandbox_spec_carries_the_owner_label(backend: ProcessBackend) -> No
 def test_every_create_warns_that_there_is_no_isolation(
     backend: ProcessBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="rayflow.sandbox.process"), backend.create(spec()):
+    with caplog.at_level(logging.WARNING, logger="rayflow.sandbox.process_backend"), backend.create(spec()):
         pass
     assert any("NO isolation" in record.getMessage() for record in caplog.records)
 

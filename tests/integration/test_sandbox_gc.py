@@ -46,13 +46,13 @@ from rayflow.sandbox.spec import MIB, Limits, SandboxSpec
 from rayflow.views.sandbox_console import gc_command
 kind, registry = sys.argv[1], Path(sys.argv[2])
 if kind == "process":
-    from rayflow.sandbox.process import ProcessBackend
+    from rayflow.sandbox.process_backend import ProcessBackend
     backend = ProcessBackend(registry_dir=registry)
 elif kind == "local":
-    from rayflow.sandbox.local import LocalBackend
+    from rayflow.sandbox.local_backend import LocalBackend
     backend = LocalBackend(registry_dir=registry)
 else:
-    from rayflow.sandbox.docker import DockerBackend
+    from rayflow.sandbox.docker_backend import DockerBackend
     backend = DockerBackend(build_image=False)
 limits = Limits(memory_bytes=256 * MIB, disk_bytes=16 * MIB, wall_time_s=600.0)
 sandbox = backend.create(SandboxSpec(owner=current_process_owner(), limits=limits))
@@ -112,7 +112,7 @@ def orphan_of(tmp_path: Path) -> Iterator:
 
 
 def process_backend(tmp_path: Path) -> SandboxBackend:
-    from rayflow.sandbox.process import ProcessBackend
+    from rayflow.sandbox.process_backend import ProcessBackend
 
     return ProcessBackend(registry_dir=tmp_path / "registry")
 
@@ -120,7 +120,7 @@ def process_backend(tmp_path: Path) -> SandboxBackend:
 def local_backend(tmp_path: Path) -> SandboxBackend:
     if shutil.which("bwrap") is None or os.geteuid() != 0:
         pytest.skip("needs bwrap and root")
-    from rayflow.sandbox.local import LocalBackend
+    from rayflow.sandbox.local_backend import LocalBackend
 
     return LocalBackend(registry_dir=tmp_path / "registry")
 
@@ -223,7 +223,7 @@ def test_reap_on_startup_removes_only_dead_owners_sandboxes(tmp_path: Path, orph
 def test_gc_command_prints_what_it_removed(
     tmp_path: Path, orphan_of, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from rayflow.sandbox import process
+    from rayflow.sandbox import process_backend as process
 
     monkeypatch.setattr(process, "default_registry_dir", lambda: tmp_path / "registry")
     orphan = orphan_of("process")
@@ -238,7 +238,7 @@ def test_gc_command_fails_on_an_unknown_backend(capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.docker
-@pytest.mark.skipif(importlib.util.find_spec("rayflow.sandbox.docker") is None, reason="no docker backend")
+@pytest.mark.skipif(importlib.util.find_spec("rayflow.sandbox.docker_backend") is None, reason="no docker backend")
 def test_gc_removes_a_container_whose_owner_was_killed(orphan_of) -> None:
     from rayflow.sandbox.select import choose_backend
 

@@ -91,7 +91,7 @@ class Backend:
 )
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     if request.param == "process":
-        from rayflow.sandbox.process import ProcessBackend
+        from rayflow.sandbox.process_backend import ProcessBackend
 
         process = ProcessBackend(registry_dir=tmp_path_factory.mktemp("registry"))
         # No network isolation here: the sandbox dials the hub's loopback address itself, with
@@ -104,7 +104,7 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         )
         process.reap(lambda owner: owner != OWNER)
         return
-    from rayflow.sandbox.docker import DockerBackend
+    from rayflow.sandbox.docker_backend import DockerBackend
 
     docker_client = request.getfixturevalue("docker_client")
     docker = DockerBackend(docker_client)

@@ -1,6 +1,6 @@
 """A fresh sandbox per subtask (``Job.isolation="subtask"``) against real sandboxes, without Ray.
 
-The job runs as in ``test_swarm_session.py``: :class:`CoordinatorCore` over thread workers. Its
+The job runs as in ``test_coordinator_core.py``: :class:`CoordinatorCore` over thread workers. Its
 probe agent first lists what earlier subtasks left where it can look (marker files outside the
 uploaded repository, ``sleep`` processes tagged with a subtask's index), then leaves both itself.
 With subtask isolation no subtask sees anything of another one that ran before it on its worker;
@@ -23,7 +23,7 @@ import pytest
 
 from rayflow.errors import ConfigError, SandboxError
 from rayflow.sandbox.backend import Sandbox
-from rayflow.sandbox.process import ProcessBackend
+from rayflow.sandbox.process_backend import ProcessBackend
 from rayflow.sandbox.spec import MIB, Limits, SandboxSpec
 from rayflow.swarm.coordinator_core import CoordinatorCore, JobOutcome
 from rayflow.swarm.dispatch_loop import SwarmError, ThreadFleet
@@ -325,7 +325,7 @@ def test_a_warm_worker_of_one_isolation_is_not_adopted_by_a_job_of_the_other(rep
 def test_in_docker_only_worker_isolation_lets_a_subtask_see_what_an_earlier_one_left(
     isolation, docker_client, tmp_path
 ):
-    from rayflow.sandbox.docker import DockerBackend
+    from rayflow.sandbox.docker_backend import DockerBackend
     from rayflow.sandbox.image import build_sandbox_image
     from rayflow.sandbox.spec import OWNER_LABEL
 

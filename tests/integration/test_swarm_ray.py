@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rayflow.sandbox.process import ProcessBackend
+from rayflow.sandbox.process_backend import ProcessBackend
 from rayflow.sandbox.spec import Limits
 from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
 from tests.swarm_support import run_in_background

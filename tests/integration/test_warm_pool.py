@@ -24,7 +24,7 @@ READY_WITHIN_S = 120.0
 
 
 def process_backend(root: Path) -> SandboxBackend:
-    from rayflow.sandbox.process import ProcessBackend
+    from rayflow.sandbox.process_backend import ProcessBackend
 
     return ProcessBackend(registry_dir=root / "registry")
 
@@ -32,7 +32,7 @@ def process_backend(root: Path) -> SandboxBackend:
 def local_backend(root: Path) -> SandboxBackend:
     if shutil.which("bwrap") is None or os.geteuid() != 0:
         pytest.skip("needs bwrap and root")
-    from rayflow.sandbox.local import LocalBackend
+    from rayflow.sandbox.local_backend import LocalBackend
 
     return LocalBackend(registry_dir=root / "registry")
 

@@ -65,7 +65,7 @@ print((now.user + now.system - cpu.user - cpu.system) / (time.monotonic() - star
 
 
 def _docker_backend(request: pytest.FixtureRequest) -> Any:
-    from rayflow.sandbox.docker import DockerBackend
+    from rayflow.sandbox.docker_backend import DockerBackend
 
     client = request.getfixturevalue("docker_client")
     backend = DockerBackend(client)
@@ -76,7 +76,7 @@ def _docker_backend(request: pytest.FixtureRequest) -> Any:
 def _local_backend(request: pytest.FixtureRequest) -> Any:
     if shutil.which("bwrap") is None or os.geteuid() != 0:
         pytest.skip("the local backend test needs bwrap and root")
-    from rayflow.sandbox.local import LocalBackend
+    from rayflow.sandbox.local_backend import LocalBackend
 
     return LocalBackend(registry_dir=request.getfixturevalue("tmp_path_factory").mktemp("registry"))
 

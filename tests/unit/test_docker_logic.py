@@ -8,7 +8,7 @@ import pytest
 
 from rayflow.errors import InvalidInputError
 from rayflow.sandbox import docker_network
-from rayflow.sandbox.docker import StreamDemuxer, container_options, split_options, tmpfs_options
+from rayflow.sandbox.docker_backend import StreamDemuxer, container_options, split_options, tmpfs_options
 from rayflow.sandbox.docker_network import Rule, Target
 from rayflow.sandbox.spec import MIB, ExecResult, KillReason, Limits, SandboxSpec
 from rayflow.sandbox.wrapper import refine_kill

@@ -13,7 +13,7 @@ from rayflow.sandbox.cgroups import (
     plan_v1,
     plan_v2,
 )
-from rayflow.sandbox.local import (
+from rayflow.sandbox.local_backend import (
     SANDBOX_LIB,
     ArgvFds,
     HostLayout,

@@ -8,7 +8,7 @@ import pytest
 
 from rayflow.errors import ConfigError, RayflowError
 from rayflow.sandbox import local_network, netfilter
-from rayflow.sandbox.local import ArgvFds, HostLayout, bwrap_argv, plan_limits
+from rayflow.sandbox.local_backend import ArgvFds, HostLayout, bwrap_argv, plan_limits
 from rayflow.sandbox.netfilter import Target
 from rayflow.sandbox.spec import NetworkPolicy, SandboxSpec
 

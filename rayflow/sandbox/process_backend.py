@@ -47,7 +47,7 @@ from rayflow.sandbox.spec import OWNER_LABEL, SandboxSpec
 from rayflow.wire.guest_commands import GUEST_PACKAGE
 from rayflow.wire.procfs import session_members, start_time
 
-log = logging.getLogger("rayflow.sandbox.process")
+log = logging.getLogger("rayflow.sandbox.process_backend")
 
 #: PATH of commands in a process sandbox.
 MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"

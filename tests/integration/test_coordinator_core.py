@@ -15,7 +15,7 @@ import pytest
 
 from rayflow.errors import WorkerLostError
 from rayflow.hub.background import BackgroundHub
-from rayflow.sandbox.process import ProcessBackend
+from rayflow.sandbox.process_backend import ProcessBackend
 from rayflow.swarm.coordinator_core import CoordinatorCore, HubSession
 from rayflow.swarm.dispatch_loop import ThreadFleet, ThreadWorker
 from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
@@ -59,7 +59,7 @@ def read_namespace(hub: BackgroundHub, namespace: str, query: str) -> list[dict]
 
 def test_a_python_agent_in_bubblewrap_sandboxes_reaches_the_hub_from_its_network_namespace(hub, session, tmp_path):
     from rayflow.jobs.demo_codebase import decompose_codebase, generate_codebase
-    from rayflow.sandbox.local import LocalBackend
+    from rayflow.sandbox.local_backend import LocalBackend
 
     generate_codebase(tmp_path / "code", 2, seed=1)
     tasks = [{**task, "memory": True, "namespace": "lessons/local"} for task in decompose_codebase(tmp_path / "code")]

@@ -68,7 +68,7 @@ from rayflow.sandbox.spec import (
 from rayflow.sandbox.wrapper import CgroupJudgedSandbox, KillCounters
 from rayflow.wire.guest_commands import GUEST_PACKAGE
 
-log = logging.getLogger("rayflow.sandbox.docker")
+log = logging.getLogger("rayflow.sandbox.docker_backend")
 
 #: Label holding the sandbox id on its container and network.
 SANDBOX_LABEL = "rayflow.sandbox"
