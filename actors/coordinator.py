@@ -4,11 +4,20 @@ It is a threaded actor (``max_concurrency``) so that ``progress`` and ``cancel``
 ``run`` is busy. Its workers are ``SandboxWorker`` actors (:class:`actors.fleet.RayFleet`); its
 hub is the region's ``HubReplica``. For pattern B it also creates a sandbox of its own for the
 decomposition and synthesis steps, on its own node.
+
+It may run on any node: nothing it is handed names a path of the driver's machine. The job's
+repository arrives packed in Ray's object store (the job's upload, fetched by the workers that
+unpack it, :mod:`actors.upload`); the results log is written to a scratch directory on the
+coordinator's own disk, and the driver reads it back through :meth:`Coordinator.results`, a
+bounded chunk of whole lines at a time, then has it removed with :meth:`Coordinator.forget`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -21,6 +30,8 @@ from rayflow.sandbox.select import probe_engine, select_backend
 from rayflow.swarm.coordinator_core import CoordinatorCore, HubSession, start_step_core
 from rayflow.swarm.dispatch_loop import RunStats
 from rayflow.swarm.job import Job
+from rayflow.swarm.matts import MattsPlan
+from rayflow.swarm.results_log import LOG_CHUNK_BYTES, read_log_chunk
 from rayflow.swarm.worker_core import WorkerCore, WorkerPlan, sandbox_profile
 from rayflow.wire.subtasks import Pattern
 
@@ -45,6 +56,10 @@ class Coordinator:
         #: Started sandboxes for the steps of the next pattern-B job, by profile (each used once).
         self._warm_steps: dict[tuple[Any, ...], WorkerCore] = {}
         self._images_checked: set[tuple[str, frozenset[str]]] = set()
+        #: Where results logs go unless a run names a directory: on this actor's own node.
+        self._scratch: Path | None = None
+        #: Job name -> its results log, for the driver to read back (``results``).
+        self._logs: dict[str, Path] = {}
 
     @staticmethod
     def _step_key(job: Job, hub: HubSession | None) -> tuple[Any, ...]:
@@ -62,20 +77,56 @@ class Coordinator:
         self._warm_steps[key], _ = start_step_core(plan, create, hub)
 
     def close(self) -> None:
-        """Destroy sandboxes started for jobs that never came."""
+        """Destroy sandboxes started for jobs that never came; remove the results logs kept here."""
         for core in self._warm_steps.values():
             core.close()
         self._warm_steps.clear()
+        self._logs.clear()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def node_id(self) -> str:
+        """The Ray node this coordinator runs on (its results logs are on that node's disk)."""
+        return ray.get_runtime_context().get_node_id()
+
+    def results(
+        self, job_name: str, offset: int = 0, max_bytes: int = LOG_CHUNK_BYTES, rollouts: bool = False
+    ) -> dict[str, Any]:
+        """Whole lines of the results log of ``job_name`` (a job this coordinator ran) from byte
+        ``offset``, about ``max_bytes`` of them: a :class:`~rayflow.swarm.results_log.LogChunk` as a
+        dict. ``rollouts``: the log of every parallel-MaTTS rollout instead."""
+        path = self._logs.get(job_name)
+        if path is None:
+            raise KeyError(f"this coordinator keeps no results log of job {job_name!r}")
+        if rollouts:
+            path = MattsPlan.rollouts_path(path)
+        return read_log_chunk(path, offset, max_bytes).to_dict()
+
+    def forget(self, job_name: str) -> None:
+        """Remove the results logs of ``job_name`` from this node (the driver has its own copy)."""
+        path = self._logs.pop(job_name, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+            MattsPlan.rollouts_path(path).unlink(missing_ok=True)
+
+    def _results_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="rayflow-coordinator-"))
+        return self._scratch
 
     def run(
         self,
         job: Job,
-        results_dir: str,
+        results_dir: str | None = None,
         hub_region: str | None = None,
         region: str | None = None,
         warm: list[Any] | None = None,
     ) -> dict[str, Any]:
-        """Run ``job``; ``warm`` are started workers of the job's sandbox profile, used before cold ones."""
+        """Run ``job``; ``warm`` are started workers of the job's sandbox profile, used before cold ones.
+
+        The results log goes to ``results_dir`` on this node, by default a scratch directory of this
+        actor's; ``results`` reads it back from anywhere."""
         self._stats = RunStats()
         nodes = frozenset(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
         if (
@@ -111,13 +162,14 @@ class Coordinator:
         self._runner = CoordinatorCore(
             job,
             make_fleet,
-            results_dir,
+            results_dir if results_dir is not None else self._results_dir(),
             hub=hub,
             create_step_sandbox=step_sandboxes,
             step_core=step_core,
             collect_garbage=lambda: collect_garbage_on_nodes([job.backend]),
             on_progress=self._remember,
         )
+        self._logs[job.name] = Path(self._runner.results_path)
         outcome = self._runner.run()
         self._stats = outcome.stats
         data = dataclasses.asdict(outcome)

@@ -101,10 +101,18 @@ class RayFleet:
         if self._warm:
             actor = self._warm.pop()
             self.actors[worker_id] = actor
-            return mapped(actor.adopt.remote(self._plan, worker_id).future(), self._started(actor, worker_id))
-        actor = self._new_actor(worker_id, name=worker_id, namespace=RAY_NAMESPACE)
-        self.actors[worker_id] = actor
-        return mapped(actor.ready.remote().future(), self._started(actor, worker_id))
+            started = actor.adopt.remote(self._plan, worker_id).future()
+        else:
+            actor = self._new_actor(worker_id, name=worker_id, namespace=RAY_NAMESPACE)
+            self.actors[worker_id] = actor
+            started = actor.ready.remote().future()
+        # A worker whose start failed (a hub it cannot reach) reports why and is shut down.
+        started.add_done_callback(lambda f: self._stop_failed(f, actor, worker_id))
+        return mapped(started, self._started(actor, worker_id))
+
+    def _stop_failed(self, started: cf.Future[Any], actor: Any, worker_id: str) -> None:
+        if not started.cancelled() and started.exception() is not None:
+            RayWorker(actor, worker_id, "", self._stopping).stop()
 
     def start_warm(self, count: int) -> list[Any]:
         """Start ``count`` unnamed workers ahead of any job (their sandboxes provisioning in the background).

@@ -5,6 +5,16 @@ runs on the actor's event loop, next to the actor's own methods. Its state direc
 the node's disk passed at creation, so when Ray restarts the actor (``max_restarts``) the new
 incarnation reopens the same SQLite bank, keys and TLS material and serves everything that was
 acknowledged before. The QUIC port may change across a restart: clients ask :meth:`address` again.
+
+Where it listens: by default on its Ray node's own address (``ray.util.get_node_ip_address()``,
+evaluated on the node, again after every restart), so workers on the region's other nodes, and
+their sandboxes, reach it by plain routing; its TLS certificate names that address (an IP SAN)
+next to ``localhost``/``127.0.0.1`` (:func:`rayflow.rpc.tls.ensure_server_tls`), and
+:meth:`HubReplica.endpoint` hands out that address with it as the name to verify. Why the node
+address and not ``0.0.0.0``: the address handed out is then the one bound (nothing to advertise
+apart, nothing to get wrong on a multi-homed node), and the hub is not exposed on the node's other
+interfaces (Docker bridge gateways, a public NIC). Pass ``host="127.0.0.1"`` for a hub only this
+machine uses; sandboxes then reach it through their gateway as before.
 """
 
 from __future__ import annotations
@@ -31,8 +41,10 @@ def hub_actor_name(region: str) -> str:
 class HubReplica:
     """One hub replica. Create it with :func:`start_hub_replica`; find it with :func:`get_hub_replica`."""
 
-    def __init__(self, state_dir: str, region: str, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = HubServer(state_dir, host=host, port=port, region=region)
+    def __init__(self, state_dir: str, region: str, host: str | None = None, port: int = 0) -> None:
+        # Runs on the replica's node: its address is the one the region reaches it at.
+        bind = host or ray.util.get_node_ip_address()
+        self._server = HubServer(state_dir, host=bind, port=port, region=region)
         self._region = region
         self._started: asyncio.Task[None] | None = None
 
@@ -52,7 +64,12 @@ class HubReplica:
         return (await self._ready()).ca_pem
 
     async def endpoint(self) -> HubEndpoint:
-        """Everything a worker needs to connect: the address, the CA to pin, the region."""
+        """Everything a worker needs to connect: the address, the CA to pin, the region.
+
+        The host is the address the replica is bound to (its node's, by default), reachable from
+        every node of the region and from their sandboxes; ``server_name`` is that address too
+        (the certificate's IP SAN), or ``localhost`` for a loopback replica.
+        """
         return (await self._ready()).endpoint
 
     async def node_id(self) -> str:
@@ -77,12 +94,15 @@ def start_hub_replica(
     region: str,
     state_dir: str,
     *,
-    host: str = "127.0.0.1",
+    host: str | None = None,
     port: int = 0,
     detached: bool = False,
     pinned: bool = True,
 ) -> Any:
     """Create the named hub replica of ``region``, pinned to a node of that region.
+
+    ``host=None`` binds the node's own address (see the module's docstring); ``"127.0.0.1"``
+    keeps the replica to its machine.
 
     ``pinned=False`` places it anywhere: for a cluster whose nodes carry no region resources
     (a plain ``ray.init()`` on a laptop), where ``region`` is only a name.

@@ -8,6 +8,8 @@ these same names, and actors are placed with them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 REGION_RESOURCE_PREFIX = "region:"
 REGION_LABEL_KEY = "rayflow/region"
 #: How much of a region resource one actor or task asks for: enough to pin it, too little to limit
@@ -23,3 +25,14 @@ def region_resource(region: str) -> str:
 def pin_to_region(region: str) -> dict[str, float]:
     """``resources=`` for ``.options()`` that place an actor or task in ``region``."""
     return {region_resource(region): REGION_PIN_AMOUNT}
+
+
+def region_of(labels: Mapping[str, str] | None, resources: Mapping[str, float] | None = None) -> str:
+    """The region a node serves, from its labels (``rayflow/region``) or else its resources
+    (``region:<name>``); ``""`` when it names none (or names several through resources)."""
+    region = (labels or {}).get(REGION_LABEL_KEY, "")
+    if region:
+        return str(region)
+    prefix = REGION_RESOURCE_PREFIX
+    named = [key[len(prefix) :] for key in (resources or {}) if key.startswith(prefix)]
+    return named[0] if len(named) == 1 else ""

@@ -5,11 +5,19 @@ A thin shell over :class:`rayflow.swarm.worker_core.WorkerCore`: the constructor
 has a single thread of execution), ``shutdown`` destroys the sandbox and ends the actor. With the
 job's ``isolation="subtask"`` (carried by the plan) each subtask gets a fresh sandbox while the
 core's pool prepares the next in a background thread of this actor; ``shutdown`` then destroys
-both, the one in use and the one prepared or being prepared. Tokens are
+both, the one in use and the one prepared or being prepared. The job's repository comes with the
+plan as an upload source: packed once on the driver into Ray's object store, fetched by this actor
+(:mod:`actors.upload`) and kept for every fresh sandbox with subtask isolation. Tokens are
 minted by the region's :class:`~actors.hub_replica.HubReplica`, which holds the signing keys; the
 worker never sees a key. If the actor dies without ``shutdown`` (killed, node lost), its sandboxes
 stay labelled with this process as owner, and the garbage collector the coordinator runs
 (:func:`actors.fleet.collect_garbage_on_nodes`) removes them once this process is gone.
+
+A start that fails with a rayflow error (a hub its sandbox cannot reach, a sandbox that cannot be
+provisioned) is kept and raised by ``ready``, typed, so the coordinator counts it with its code and
+where it happened; an exception out of the constructor would reach it only as an untyped actor
+death. The fleet then shuts the actor down. Each worker knows its node's region (its label or
+region resource, :func:`actors.placement.region_of`), and its results carry it.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from typing import Any
 import ray
 
 from actors.hub_replica import get_hub_replica
+from actors.placement import region_of
 from rayflow.auth.claims import Scope
+from rayflow.errors import RayflowError
 from rayflow.sandbox.select import select_backend
 from rayflow.swarm.worker_core import WorkerCore, WorkerPlan
 from rayflow.wire.hub_endpoint import HubEndpoint
@@ -40,6 +50,20 @@ def token_minter(hub_region: str, tenant: str) -> Any:
     return mint
 
 
+def node_region(node_id: str) -> str:
+    """The region of this process's node: its ``rayflow/region`` label, else its region resource."""
+    try:
+        region = region_of(ray.get_runtime_context().get_node_labels())
+    except Exception:  # noqa: BLE001 - an older Ray without node labels: read the node table
+        region = ""
+    if region:
+        return region
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return region_of(node.get("Labels"), node.get("Resources"))
+    return ""
+
+
 @ray.remote(max_restarts=0, max_task_retries=0)
 class SandboxWorker:
     """One worker, one sandbox in use at a time. Create it through :class:`actors.fleet.RayFleet`."""
@@ -56,24 +80,36 @@ class SandboxWorker:
         sandboxes = select_backend(backend, allow_unisolated=backend == "process")
         self._backend = sandboxes
         mint = token_minter(hub_region, tenant) if hub is not None and hub_region else None
+        node_id = ray.get_runtime_context().get_node_id()
         self._core = WorkerCore(
             worker_id,
             plan,
             sandboxes.create,
             hub=hub,
             mint_token=mint,
-            node_id=ray.get_runtime_context().get_node_id(),
+            node_id=node_id,
+            region=node_region(node_id),
         )
         # A worker that is garbage-collected or whose process exits normally still removes its sandbox.
         self._finalizer = weakref.finalize(self, WorkerCore.close, self._core)
-        self._provisioned = [event.to_dict() for event in self._core.start()]
+        self._start_error: RayflowError | None = None
+        self._provisioned: list[dict[str, Any]] = []
+        try:
+            self._provisioned = [event.to_dict() for event in self._core.start()]
+        except RayflowError as exc:
+            self._start_error = exc  # the core closed itself; ready() reports why, typed
 
     def ready(self) -> dict[str, Any]:
-        """The provision span and where the worker lives (returns once the sandbox is ready)."""
+        """The provision span and where the worker lives (returns once the sandbox is ready);
+        raises the start's error when the start failed."""
+        if self._start_error is not None:
+            raise self._start_error
         return {"events": self._provisioned, **self._core.describe()}
 
     def adopt(self, plan: WorkerPlan, worker_id: str) -> dict[str, Any]:
         """Hand this warm worker to a job (see :meth:`WorkerCore.adopt`)."""
+        if self._start_error is not None:
+            raise self._start_error
         events = [event.to_dict() for event in self._core.adopt(plan, worker_id)]
         return {"events": events, **self._core.describe()}
 

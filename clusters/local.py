@@ -544,6 +544,19 @@ def _wait_for_nodes(state: ClusterState, expected: int, deadline: float) -> None
 
 
 def _require_running(node: NodeRecord, temp_dir: str) -> None:
+    # A node this process started is judged by its exit status, not by /proc: while a launch
+    # command execs its way to `ray start` (ip netns exec -> unshare -> sh -> ray), its command
+    # line can read empty for a moment, which /proc-based checks would take for a stranger.
+    launched = _LAUNCHED.get(node.pid)
+    if launched is not None:
+        status = launched.poll()
+        if status is None:
+            return
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        raise RayflowError(
+            f"node {node.node_label} exited during start-up ({how}):\n{_tail(Path(node.log_path))}",
+            log=node.log_path,
+        )
     if not _is_our_process(node.pid, temp_dir):
         raise RayflowError(
             f"node {node.node_label} exited during start-up:\n{_tail(Path(node.log_path))}",
@@ -665,7 +678,7 @@ def start_in_own_session(
     :func:`kill_process_group`), and a Ctrl-C in the terminal that started it does not reach them.
     """
     with open(log_path, "wb") as log:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             list(command),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -674,6 +687,12 @@ def start_in_own_session(
             start_new_session=True,
             cwd=None if cwd is None else str(cwd),
         )
+    _LAUNCHED[process.pid] = process
+    return process
+
+
+#: The node processes this process started, by pid: their exit status is known for sure.
+_LAUNCHED: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def kill_process_group(group_id: int) -> None:

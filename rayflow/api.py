@@ -2,9 +2,17 @@
 
 This is the one module of the library that talks to Ray (imported lazily, so ``import rayflow``
 stays light). A ``Swarm`` makes sure its region's ``HubReplica`` runs, then hands each job to a
-``Coordinator`` actor placed on the driver's own node (pattern A's "coordinator on the host"; its
-results file is therefore readable here), shows progress while it runs, and returns a
+``Coordinator`` actor, shows progress while it runs, and returns a
 :class:`~rayflow.views.job_result.JobResult`.
+
+Nothing a job hands the cluster is a path of the driver's machine, so no two nodes need to share
+a disk: ``Swarm.run`` (or ``Swarm.pack`` ahead of it) packs the job's repository once, here, into
+Ray's object store, where each worker fetches it (:mod:`actors.upload`); the coordinator may run
+on any node (a soft preference for the driver's, which Ray may not follow, or pinned with
+``coordinator_region``) and keeps its results log on its own disk, and the driver copies that log
+back through the actor, a bounded chunk at a time, into its own ``results_dir`` before building
+the result. A job that must outlive the loss of other nodes pins its coordinator to a region that
+stays.
 
 Example::
 
@@ -36,6 +44,8 @@ log = logging.getLogger("rayflow.api")
 RAY_NAMESPACE = "rayflow"
 #: How often the driver asks the coordinator for progress.
 PROGRESS_POLL_S = 0.25
+#: How long one chunk of a results log may take to come back from the coordinator.
+RESULTS_CHUNK_TIMEOUT_S = 300.0
 
 
 def init(address: str | None = None, **ray_options: Any) -> None:
@@ -71,7 +81,13 @@ class Swarm:
         results_dir: str | Path | None = None,
         region: str | None = None,
         start_hub: bool = True,
+        coordinator_region: str | None = None,
+        max_upload_bytes: int | None = None,
     ) -> None:
+        """``region``: where workers run (a region's pin resource; default anywhere).
+        ``coordinator_region``: where the coordinator runs (default: anywhere, this node preferred
+        but not guaranteed). ``max_upload_bytes``: the largest packed repository a job may upload
+        (default ``Config.max_upload_bytes``, 512 MiB)."""
         import ray
 
         if not ray.is_initialized():
@@ -82,6 +98,8 @@ class Swarm:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.hub_region = hub_region
         self.region = region
+        self.coordinator_region = coordinator_region
+        self.max_upload_bytes = max_upload_bytes if max_upload_bytes is not None else config.max_upload_bytes
         self.hub = self._ensure_hub(start_hub)
         #: Started workers waiting for a job, by sandbox profile and tenant (never shared across jobs).
         self._warm: dict[tuple[Any, ...], list[Any]] = {}
@@ -117,6 +135,21 @@ class Swarm:
         # A worker's isolation is fixed when it starts (WorkerCore.adopt refuses another).
         return (job.backend, job.tenant, job.isolation, sandbox_profile(plan.spec))
 
+    def pack(self, job: Job) -> Job:
+        """``job`` ready for any node: its repository packed once into Ray's object store, and a
+        pattern-A file glob listed (see :func:`rayflow.swarm.job.packed_job`).
+
+        ``run`` packs a job itself; pack ahead to pay for it once for several runs, or to be free
+        to change or remove the directory before the run. A repository above ``max_upload_bytes``
+        is a :class:`~rayflow.errors.ConfigError` saying how big it was. The archive stays in the
+        object store while the returned job is referenced.
+        """
+        from actors.upload import put_upload
+        from rayflow.swarm.job import packed_job
+
+        limit = self.max_upload_bytes
+        return packed_job(job, lambda data: put_upload(data, max_bytes=limit), max_bytes=limit)
+
     def prewarm(self, job: Job, count: int | None = None, *, wait: bool = True) -> int:
         """Start ``count`` (default ``job.workers``) workers for jobs like ``job`` ahead of time.
 
@@ -127,6 +160,8 @@ class Swarm:
         the next job will use. With ``isolation="subtask"`` a warm worker's pool has its next
         sandbox prepared too.
         """
+        import dataclasses
+
         import ray
 
         from actors.fleet import RayFleet
@@ -134,7 +169,8 @@ class Swarm:
 
         hub = self.endpoint()
         fleet = RayFleet(
-            WorkerPlan.for_job(job, hub),
+            # Nothing to unpack yet: a warm worker gets its job's repository when adopted.
+            dataclasses.replace(WorkerPlan.for_job(job, hub), upload=None),
             backend=job.backend,
             cpus=job.limits.cpus or 1.0,
             hub=hub,
@@ -146,7 +182,7 @@ class Swarm:
         steps = []
         if job.pattern.value == "B":
             # Pattern B's coordinator has a sandbox of its own for its steps: start it too.
-            steps.append(self._coordinator_actor().prewarm_steps.remote(job, self.hub_region))
+            steps.append(self._coordinator_actor().prewarm_steps.remote(self.pack(job), self.hub_region))
         if wait:
             ray.get([actor.ready.remote() for actor in actors] + steps)
         waiting = self._warm.setdefault(self._warm_key(job), [])
@@ -154,17 +190,21 @@ class Swarm:
         return len(waiting)
 
     def _coordinator_actor(self) -> Any:
-        """The ``Coordinator`` actor, on the driver's own node, started once and reused for every job."""
+        """The ``Coordinator`` actor, started once and reused for every job: in
+        ``coordinator_region`` when set, else on any node, the driver's own preferred."""
         if self._coordinator is None:
             import ray
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             from actors.coordinator import Coordinator
+            from actors.placement import pin_to_region
 
-            here = ray.get_runtime_context().get_node_id()
-            self._coordinator = Coordinator.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
-            ).remote()
+            if self.coordinator_region is not None:
+                options: dict[str, Any] = {"resources": pin_to_region(self.coordinator_region)}
+            else:
+                here = ray.get_runtime_context().get_node_id()
+                options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True)}
+            self._coordinator = Coordinator.options(**options).remote()
         return self._coordinator
 
     def close(self) -> None:
@@ -193,16 +233,21 @@ class Swarm:
         self.close()
 
     def run(self, job: Job, *, progress: bool = True, timeout_s: float | None = None) -> Any:
-        """Run ``job`` to the end and return its :class:`~rayflow.views.job_result.JobResult`."""
+        """Run ``job`` to the end and return its :class:`~rayflow.views.job_result.JobResult`.
+
+        The job is packed first (see :meth:`pack`; a packed job is used as it is). Its results log
+        is copied from the coordinator's node into ``results_dir/<job>.jsonl`` here, which the
+        result reads."""
         import ray
 
         from rayflow.swarm.results_log import ResultsLog
         from rayflow.views.job_result import JobResult
         from rayflow.views.progress import RunProgress
 
+        job = self.pack(job)
         coordinator = self._coordinator_actor()
         warm = self._warm.pop(self._warm_key(job), []) if job.warm_pool else []
-        done = coordinator.run.remote(job, str(self.results_dir), self.hub_region, self.region, warm)
+        done = coordinator.run.remote(job, None, self.hub_region, self.region, warm)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         display = RunProgress(
             job.workers,
@@ -228,7 +273,30 @@ class Swarm:
             ray.kill(coordinator)
             self._coordinator = None
             raise
-        return JobResult.from_log(ResultsLog(outcome["results_path"], readonly=True), outcome["report"])
+        path = self._copy_results(coordinator, job)
+        return JobResult.from_log(ResultsLog(path, readonly=True), outcome["report"])
+
+    def _copy_results(self, coordinator: Any, job: Job) -> Path:
+        """Copy the coordinator's results log of ``job`` (on its node's disk) into ``results_dir``,
+        a bounded chunk at a time (with parallel MaTTS its rollouts log too), then have the
+        coordinator remove its own."""
+        import ray
+
+        from rayflow.swarm.matts import MattsPlan
+        from rayflow.swarm.results_log import LogChunk, copy_log
+
+        def reader(rollouts: bool) -> Any:
+            def read(offset: int) -> LogChunk:
+                chunk = coordinator.results.remote(job.name, offset, rollouts=rollouts)
+                return LogChunk.from_dict(ray.get(chunk, timeout=RESULTS_CHUNK_TIMEOUT_S))
+
+            return read
+
+        path = copy_log(reader(False), self.results_dir / f"{job.name}.jsonl")
+        if job.matts is not None and job.matts.mode == "parallel":
+            copy_log(reader(True), MattsPlan.rollouts_path(path))
+        coordinator.forget.remote(job.name)
+        return path
 
 
 def _known_subtask_count(job: Job) -> int:
@@ -252,5 +320,8 @@ def _advance(display: Any, seen: dict[str, int], stats: dict[str, Any]) -> None:
     new_ok = int(stats.get("ok", 0)) - seen["ok"]
     for position in range(new_done):
         display.subtask_done(position < new_ok)
+    # Workers that failed to start and memory errors, as warning lines (counters an older
+    # coordinator lacks warn of nothing).
+    display.observe(stats)
     for key in seen:
         seen[key] = int(stats.get(key, 0))

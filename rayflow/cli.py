@@ -392,12 +392,16 @@ def demo(
 
         run_memory_demo(console, state_dir=state_dir, plot_path=plot)
         return
-    from rayflow.jobs.demo import DemoSettings, run_demo
+    from rayflow.jobs.demo import EXIT_MEMORY_UNUSABLE, DemoSettings, memory_unusable_message, run_demo
 
     settings = DemoSettings(
         modules=modules, workers=workers, backend=backend, seed=seed, out=out, address=address, progress=progress
     )
     result = run_demo(settings, console)
+    unusable = memory_unusable_message(result.outcomes)
+    if unusable is not None:
+        console.print(f"[bold red]error[/] \\[memory_unusable] {escape(unusable)}")
+        raise typer.Exit(EXIT_MEMORY_UNUSABLE)
     if not (result.numbers["all_passed"] and result.numbers["exactly_once"]):
         raise typer.Exit(1)
 

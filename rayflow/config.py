@@ -21,6 +21,8 @@ from typing import Any
 from rayflow.errors import ConfigError
 
 ENV_PREFIX = "RAYFLOW_"
+#: Default bound on a job's upload (its repository) packed as one archive: 512 MiB.
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,13 @@ class Config:
     state_dir: Path = field(default_factory=lambda: Path.home() / ".rayflow")
     #: This process's replica id in change records; generated and persisted when empty.
     replica_id: str = ""
+    #: Largest packed upload (a job's repository) a swarm sends to its workers, in bytes.
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes <= 0:
+            raise ConfigError("max_upload_bytes must be positive")
 
 
 def load_config(

@@ -140,6 +140,12 @@ class DeadlineExceededError(TransportError):
     code = "deadline_exceeded"
 
 
+class HubUnreachableError(TransportError):
+    """The hub could not be reached from where work was to run (a node, a sandbox's network)."""
+
+    code = "hub_unreachable"
+
+
 class OverloadedError(RayflowError):
     """The server is at a resource limit (in-flight bytes, concurrent calls); retry later."""
 

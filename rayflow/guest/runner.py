@@ -27,7 +27,8 @@ sandbox needs for it:
   ``RAYFLOW_HUB_CA`` (the hub's CA certificate: PEM text, or the path of a PEM file inside the
   sandbox) and ``RAYFLOW_HUB_TOKEN`` (a token the hub issued for this agent's tenant and
   namespaces). ``RAYFLOW_HUB_SERVER_NAME`` optionally names the certificate name to check
-  (default ``localhost``, which every hub certificate covers, whatever address the sandbox dials);
+  (default ``localhost``, which every hub certificate covers, whatever address the sandbox dials)
+  and ``RAYFLOW_HUB_CONNECT_TIMEOUT_S`` how long a call waits for a connection (default 10 s);
 * a network path to the hub over UDP (QUIC): a ``hub-only`` policy gives exactly that;
 * the hub client's modules and packages (aioquic and its dependencies) in the image; the default
   sandbox image carries them. They are imported only when memory is first used, so a runner
@@ -35,6 +36,12 @@ sandbox needs for it:
 
 Without those variables ``context.memory`` raises :class:`~rayflow.errors.ConfigError`, which
 becomes the agent's error result (code ``config_error``) like any other agent failure.
+
+Every call through ``context.memory`` is counted (:class:`~rayflow.wire.memory_use.MemoryUse`:
+calls, failed calls, search hits, the last error), whether or not the agent catches the failure;
+when the agent used memory at all, the runner attaches the counts to its value as
+``value["memory"]`` (a mapping value, or a failed run's, whose value is then just that), so a hub
+that could not be reached is counted by the report instead of vanishing into the agent's value.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ from pathlib import Path
 from typing import Any
 
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
-from rayflow.wire.hub_endpoint import REQUIRED_ENV, TOKEN_ENV, HubEndpoint
+from rayflow.wire.hub_endpoint import CONNECT_TIMEOUT_ENV, REQUIRED_ENV, TOKEN_ENV, HubEndpoint
+from rayflow.wire.memory_use import MEMORY_FIELD, MemoryUse
 from rayflow.wire.procfs import own_group_options
 from rayflow.wire.targets import load_callable
 
@@ -118,6 +126,8 @@ class AgentContext:
         self.workdir = workdir
         self._env = os.environ if env is None else env
         self._memory: Any = None
+        #: How this agent used memory so far (every call through :attr:`memory`).
+        self.memory_use = MemoryUse()
 
     def path(self, path: str | Path) -> Path:
         """``path`` taken relative to the work directory unless absolute."""
@@ -138,9 +148,18 @@ class AgentContext:
 
     @property
     def memory(self) -> Any:
-        """A blocking hub client (``SyncHubClient``), built on first use from ``RAYFLOW_HUB_*``."""
+        """A blocking hub client (``SyncHubClient``), built on first use from ``RAYFLOW_HUB_*``.
+
+        Its calls are counted in :attr:`memory_use`; so is a failure to build it (a sandbox with
+        no hub configured), once per attempt to use it.
+        """
         if self._memory is None:
-            self._memory = connect_memory(self._env)
+            try:
+                client = connect_memory(self._env)
+            except Exception as exc:
+                self.memory_use.failed(exc)
+                raise
+            self._memory = CountedMemory(client, self.memory_use)
         return self._memory
 
     def close(self) -> None:
@@ -149,12 +168,61 @@ class AgentContext:
             self._memory = None
 
 
+class CountedMemory:
+    """A hub client whose op calls are counted in a :class:`MemoryUse` (results and errors pass
+    through unchanged); everything else (``close``, attributes) is the client's own."""
+
+    _UNCOUNTED = frozenset({"close"})
+
+    def __init__(self, client: Any, use: MemoryUse) -> None:
+        self._client = client
+        self._use = use
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if name.startswith("_") or name in self._UNCOUNTED or not callable(attribute):
+            return attribute
+        use = self._use
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                answer = attribute(*args, **kwargs)
+            except Exception as exc:
+                use.failed(exc)
+                raise
+            use.succeeded(name, answer)
+            return answer
+
+        return counted
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def attach_memory_use(value: Any, use: MemoryUse) -> Any:
+    """``value`` with ``use`` under ``"memory"`` when the agent used memory: added to a mapping
+    (unless the agent set that key itself), or the whole value of a run that returned none."""
+    if not use.used:
+        return value
+    if value is None:
+        return {MEMORY_FIELD: use.to_dict()}
+    if isinstance(value, dict) and MEMORY_FIELD not in value:
+        return {**value, MEMORY_FIELD: use.to_dict()}
+    return value
+
+
 @dataclass(frozen=True)
 class HubSettings:
     """Where the hub is and how this sandbox proves itself to it, read from ``RAYFLOW_HUB_*``."""
 
     endpoint: HubEndpoint
     token: str
+    #: Seconds to wait for a connection (``RAYFLOW_HUB_CONNECT_TIMEOUT_S``); ``None``: the client's default.
+    connect_timeout_s: float | None = None
 
 
 def hub_settings(env: Mapping[str, str]) -> HubSettings:
@@ -168,14 +236,28 @@ def hub_settings(env: Mapping[str, str]) -> HubSettings:
     if missing:
         names = ", ".join(missing)
         raise ConfigError(f"this sandbox has no hub configured (missing {names})", missing=names)
-    return HubSettings(HubEndpoint.from_env(env), env[TOKEN_ENV].strip())
+    return HubSettings(HubEndpoint.from_env(env), env[TOKEN_ENV].strip(), _connect_timeout(env))
 
 
-def connect_memory(env: Mapping[str, str]) -> Any:
+def _connect_timeout(env: Mapping[str, str]) -> float | None:
+    text = env.get(CONNECT_TIMEOUT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ConfigError(f"{CONNECT_TIMEOUT_ENV} must be a number of seconds", value=text[:20]) from None
+    if not seconds > 0:
+        raise ConfigError(f"{CONNECT_TIMEOUT_ENV} must be positive", value=text[:20])
+    return seconds
+
+
+def connect_memory(env: Mapping[str, str], **options: Any) -> Any:
     """A ``SyncHubClient`` for the configured hub; the client (and aioquic) is imported only now.
 
     The connection itself opens on the first call, so an unreachable hub shows up as that
-    call's :class:`~rayflow.errors.TransportError` or deadline error.
+    call's :class:`~rayflow.errors.TransportError` or deadline error. ``options`` go to the
+    client (``timeout_s``, ``connect_timeout_s``).
     """
     settings = hub_settings(env)
     try:
@@ -185,7 +267,9 @@ def connect_memory(env: Mapping[str, str]) -> Any:
             f"this sandbox image has no hub client ({exc.name or exc} is missing); "
             "build it with the hub client to use memory"
         ) from None
-    return SyncHubClient.for_endpoint(settings.endpoint, token=settings.token)
+    if settings.connect_timeout_s is not None:
+        options.setdefault("connect_timeout_s", settings.connect_timeout_s)
+    return SyncHubClient.for_endpoint(settings.endpoint, token=settings.token, **options)
 
 
 def run_shell_agent(
@@ -255,6 +339,7 @@ def run_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
             result["error"] = _error(exc)
         finally:
             context.close()
+        result["value"] = attach_memory_use(result["value"], context.memory_use)
     result["duration_s"] = time.monotonic() - started
     return result
 

@@ -33,6 +33,7 @@ from rayflow.memory.bank import ReasoningBank
 from rayflow.memory.store import AuditRecord
 from rayflow.rpc.dispatch import CallContext, Dispatcher
 from rayflow.rpc.quic_server import RpcServer
+from rayflow.rpc.tls import verified_name
 from rayflow.wire.hub_endpoint import HubEndpoint
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,19 @@ def revocations_path(state_dir: Path) -> Path:
 
 
 class HubServer:
-    """A ReasoningBank hub on one QUIC port, with its state (bank, keys, TLS) in one directory."""
+    """A ReasoningBank hub on one QUIC port, with its state (bank, keys, TLS) in one directory.
+
+    Where it listens: exactly ``host`` (UDP ``port``, 0 picks one). The default ``127.0.0.1``
+    serves this machine only (``rayflow hub serve``, notebooks, tests); a hub meant for other
+    machines binds an address they can reach, as :class:`~actors.hub_replica.HubReplica` binds
+    its Ray node's address. Sandboxes reach a loopback hub through their gateway (rewritten to
+    loopback by their fence) and any other hub at its own address.
+
+    What its certificate names (``state_dir/tls``, signed by the hub's own CA): ``localhost``,
+    ``127.0.0.1``, ``::1``, the bound ``host`` unless it is a wildcard, and ``server_names``;
+    reissued under the same CA when that set changes. :attr:`endpoint` tells clients to check the
+    bound address itself when it is a real one (``localhost`` for a loopback or wildcard bind).
+    """
 
     def __init__(
         self,
@@ -130,9 +143,13 @@ class HubServer:
 
     @property
     def endpoint(self) -> HubEndpoint:
-        """Where clients reach this hub (once started): its bound address, the CA to pin, its region."""
+        """Where clients reach this hub (once started): its bound address, the CA to pin, its region.
+
+        The name to check the certificate against is the bound address when it is a specific
+        non-loopback one (an IP SAN of the certificate), else ``localhost``.
+        """
         host, port = self.address
-        return HubEndpoint(host, port, self.ca_pem, region=self.region)
+        return HubEndpoint(host, port, self.ca_pem, region=self.region, server_name=verified_name(host))
 
     def issue_token(
         self, sub: str, tenant: str, namespaces: list[str], scopes: list[str], ttl_s: int | None = None

@@ -21,6 +21,10 @@ control then stores no contrast lessons either.
 
 Inside ``ray job submit`` the cluster's address comes from ``RAY_ADDRESS``; otherwise a local
 Ray instance is started for the demo.
+
+A run meant to use memory in which no subtask could (every memory call failed: the hub was not
+reachable from the sandboxes) makes the demo exit with status 3 and says so: its comparison would
+only measure the control twice.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ MAX_ATTEMPTS = 40
 #: Wall-clock limit of one module's fix (a test run takes well under a second).
 AGENT_TIMEOUT_S = 300.0
 SUMMARY_FORMAT = "rayflow.demo/1"
+#: Exit status when a run meant to use memory could not use it at all.
+EXIT_MEMORY_UNUSABLE = 3
 #: Phases in the order a run goes through them (the timeline's names).
 PHASE_ORDER = tuple(phase.value for phase in Phase)
 
@@ -123,6 +129,19 @@ class RunOutcome:
     attempts_by_module: list[int] = field(default_factory=list)
     #: How many subtask results came back for each index (exactly once means all ones).
     results_per_index: list[int] = field(default_factory=list)
+    #: Subtasks whose agent made memory calls; of them, those that reached the hub and those
+    #: with memory errors (:mod:`rayflow.wire.memory_use`); the last memory error seen.
+    memory_used: int = 0
+    memory_reached: int = 0
+    memory_errors: int = 0
+    memory_last_error: str = ""
+    #: The job result's warnings (degraded memory, workers that failed to start).
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def memory_unusable(self) -> bool:
+        """Memory was meant to be on and no subtask could use it (no memory call succeeded)."""
+        return self.memory and self.subtasks > 0 and self.memory_reached == 0
 
 
 # --- pure parts ---------------------------------------------------------------------------------
@@ -173,6 +192,21 @@ def demo_job(
     )
 
 
+def memory_unusable_message(outcomes: Mapping[str, RunOutcome]) -> str | None:
+    """Why the demo's comparison means nothing, when a run meant to use memory could not use it."""
+    broken = [o for o in outcomes.values() if o.memory_unusable]
+    if not broken:
+        return None
+    parts = []
+    for outcome in broken:
+        cause = f"; last error: {outcome.memory_last_error}" if outcome.memory_last_error else ""
+        parts.append(
+            f"{outcome.label}: memory was on but none of its {outcome.subtasks} subtasks could use it "
+            f"({outcome.memory_errors} with memory errors){cause}"
+        )
+    return "; ".join(parts) + ". Is the hub reachable from every node's sandboxes?"
+
+
 def reduction(baseline: float, improved: float) -> float:
     """``1 - improved / baseline``: the fraction of the baseline's work saved (0.0 for no baseline)."""
     return 1.0 - improved / baseline if baseline > 0 else 0.0
@@ -189,6 +223,9 @@ def comparison(outcomes: Mapping[str, RunOutcome]) -> dict[str, Any]:
         "reduction_run1": round(reduction(off.attempts, first.attempts), 4),
         "memory_hits_run1": first.memory_hits,
         "memory_hits_run2": second.memory_hits,
+        "memory_errors_run1": first.memory_errors,
+        "memory_errors_run2": second.memory_errors,
+        "memory_unusable": [o.label for o in outcomes.values() if o.memory_unusable],
         "all_passed": all(o.passed == o.subtasks for o in outcomes.values()),
         "exactly_once": all(set(o.results_per_index) == {1} for o in outcomes.values()),
         "wall_s_memory_off": round(off.wall_s, 3),
@@ -224,6 +261,11 @@ def run_table(outcome: RunOutcome, description: str) -> Table:
     table.add_row(
         "memory hits", f"{outcome.memory_hits} (in {outcome.subtasks_with_memory_hits} modules)", ""
     )
+    if outcome.memory or outcome.memory_used:
+        errors = f"[bold red]{outcome.memory_errors}[/]" if outcome.memory_errors else "0"
+        table.add_row("memory errors", f"{errors} of {outcome.memory_used} modules that used memory", "")
+        reached_style = "bold red" if outcome.memory_unusable else "green"
+        table.add_row("reached the hub", f"[{reached_style}]{outcome.memory_reached}[/] modules", "")
     table.add_row("wall s", f"{outcome.wall_s:.2f}", "")
     table.add_section()
     for phase in PHASE_ORDER:
@@ -239,7 +281,7 @@ def run_table(outcome: RunOutcome, description: str) -> Table:
 def comparison_table(outcomes: Mapping[str, RunOutcome], numbers: Mapping[str, Any]) -> Table:
     """The three runs side by side and the reduction memory brought."""
     table = Table(title="memory off vs. memory on: attempts to fix the same codebase", title_justify="left")
-    for column in ("run", "memory", "passed", "attempts", "vs memory off", "memory hits", "wall s"):
+    for column in ("run", "memory", "passed", "attempts", "vs memory off", "memory hits", "memory errors", "wall s"):
         table.add_column(column, justify="left" if column in ("run", "memory") else "right")
     baseline = outcomes[RUNS[0].label].attempts
     for plan in RUNS:
@@ -254,6 +296,7 @@ def comparison_table(outcomes: Mapping[str, RunOutcome], numbers: Mapping[str, A
             str(outcome.attempts),
             change,
             str(outcome.memory_hits),
+            f"[bold red]{outcome.memory_errors}[/]" if outcome.memory_errors else "0",
             f"{outcome.wall_s:.1f}",
         )
     table.caption = f"reduction in attempts (1 - run-2 / memory-off): {numbers['reduction']:.0%}"
@@ -370,6 +413,8 @@ def outcome_of(label: str, memory: bool, result: Any, expected: int) -> RunOutco
     """The plain numbers of one finished job (``result`` is a :class:`~rayflow.views.job_result.JobResult`)."""
     rows = list(result.results())
     summary = result.summary
+    uses = [use for use in (r.memory for r in rows) if use is not None and use.used]
+    failed = [use for use in uses if use.errors]
     return RunOutcome(
         label=label,
         job_id=result.job_id,
@@ -384,6 +429,11 @@ def outcome_of(label: str, memory: bool, result: Any, expected: int) -> RunOutco
         phase_busy_s={k: float(v) for k, v in (summary.get("phase_busy_s") or {}).items()},
         attempts_by_module=[r.attempts for r in sorted(rows, key=lambda r: r.index)],
         results_per_index=results_per_index([r.index for r in rows], expected),
+        memory_used=len(uses),
+        memory_reached=sum(use.reached for use in uses),
+        memory_errors=len(failed),
+        memory_last_error=failed[-1].last_error if failed else "",
+        warnings=list(result.warnings),
     )
 
 
@@ -440,6 +490,8 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> DemoResu
             outcome = outcome_of(plan.label, plan.memory, result, len(tasks))
             outcomes[plan.label] = outcome
             console.print(run_table(outcome, plan.description))
+            for warning in outcome.warnings:
+                console.print(f"[bold red]warning[/] {escape(warning)}")
             report = result.report
             if settings.plots:
                 timeline = result.timeline()
@@ -510,7 +562,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> DemoSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m rayflow.jobs.demo``; exit status 0 when every module was fixed."""
+    """Entry point of ``python -m rayflow.jobs.demo``; exit status 0 when every module was fixed, 3
+    (:data:`EXIT_MEMORY_UNUSABLE`) when a run meant to use memory could not use it at all."""
     from rayflow.errors import RayflowError
 
     console = Console()
@@ -519,6 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RayflowError as exc:
         console.print(f"[red]error[/] {escape(f'[{exc.code}]')} {escape(exc.message)}")
         return 2
+    unusable = memory_unusable_message(result.outcomes)
+    if unusable is not None:
+        console.print(f"[bold red]error[/] {escape('[memory_unusable]')} {escape(unusable)}")
+        return EXIT_MEMORY_UNUSABLE
     return 0 if result.numbers["all_passed"] and result.numbers["exactly_once"] else 1
 
 

@@ -4,8 +4,9 @@ Why a private CA: hubs run on machines without public DNS names, and sandboxes m
 whom they talk to. On first start a CA and a server certificate are generated into a state
 directory; clients pin the CA (its PEM is handed to them with their token), so verification stays
 ``CERT_REQUIRED`` with no public trust store involved. Later starts reuse the files; the server
-certificate alone is reissued when its names no longer cover what the server is asked to serve,
-when it nears expiry, or when it was not signed by the current CA. Reissuing the CA itself (only
+certificate alone is reissued when its names differ from what the server is asked to serve (a hub
+that comes back on another node address must not keep naming the old one), when it nears expiry,
+or when it was not signed by the current CA. Reissuing the CA itself (only
 when its files are missing or unreadable) invalidates every pinned client, so it never happens
 silently otherwise.
 
@@ -192,11 +193,15 @@ def _server_cert_usable(
         return False
     have_names = {name.lower() for name in san.get_values_for_type(x509.DNSName)}
     have_ips = set(san.get_values_for_type(x509.IPAddress))
-    return {name.lower() for name in dns_names} <= have_names and set(ips) <= have_ips
+    return {name.lower() for name in dns_names} == have_names and set(ips) == have_ips
 
 
 def _split_names(names: Iterable[str]) -> tuple[list[str], list[IPAddress]]:
-    """Separate IP literals from DNS names, keeping order and dropping duplicates."""
+    """Separate IP literals from DNS names, keeping order and dropping duplicates.
+
+    A wildcard address (``0.0.0.0``, ``::``) is what a server binds to, never what a client dials,
+    so it is left out.
+    """
     dns_names: list[str] = []
     ips: list[IPAddress] = []
     for raw in [*DEFAULT_DNS_NAMES, *DEFAULT_IP_ADDRESSES, *names]:
@@ -209,7 +214,7 @@ def _split_names(names: Iterable[str]) -> tuple[list[str], list[IPAddress]]:
             if name.lower() not in (n.lower() for n in dns_names):
                 dns_names.append(name)
             continue
-        if ip not in ips:
+        if ip not in ips and not ip.is_unspecified:
             ips.append(ip)
     return dns_names, ips
 
@@ -223,7 +228,9 @@ def ensure_server_tls(
     """Create or reuse the CA and the server certificate in ``state_dir``.
 
     ``names`` are extra DNS names or IP addresses the server certificate must cover, on top of
-    localhost, 127.0.0.1 and ::1.
+    localhost, 127.0.0.1 and ::1 (an RPC server passes the address it binds, so a hub on a node
+    address ``10.0.3.7`` gets an IP SAN for it). The certificate names exactly these: a stored one
+    naming more or fewer is reissued under the same CA, so pinned clients keep working.
     """
     directory = Path(state_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -250,6 +257,20 @@ def ensure_server_tls(
         server_key_path=directory / SERVER_KEY_FILE,
         ca_pem=(directory / CA_CERT_FILE).read_bytes(),
     )
+
+
+def verified_name(host: str) -> str:
+    """The name a client checks the server certificate against when it dials ``host``.
+
+    A specific non-loopback IP address is checked as itself (it is in the certificate when the
+    server binds it, see :func:`ensure_server_tls`); loopback, wildcard and DNS hosts keep
+    ``localhost``, which every certificate covers.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return DEFAULT_DNS_NAMES[0]
+    return DEFAULT_DNS_NAMES[0] if ip.is_loopback or ip.is_unspecified else str(ip)
 
 
 def certificate_names(cert_pem: bytes) -> tuple[list[str], list[str]]:

@@ -49,6 +49,11 @@ class Sandbox(Protocol):
         """Copy a host directory tree into the sandbox."""
         ...
 
+    def upload_archive(self, data: bytes, remote_dir: str) -> None:
+        """Unpack a tree already packed as a tar archive (:func:`rayflow.wire.archive.pack_tree`)
+        into the sandbox: what ``upload`` does after packing, for bytes that came from elsewhere."""
+        ...
+
     def download(self, remote_dir: str, local_dir: Path) -> None:
         """Copy a directory tree out of the sandbox."""
         ...

@@ -60,6 +60,8 @@ DEFAULT_CALL_TIMEOUT_S = 600.0
 EXEC_GRACE_S = 30.0
 #: How long ``destroy`` waits for the reader thread after the teardown.
 READER_JOIN_S = 5.0
+#: Room an ``upload`` request takes around its archive (id, kind, path and msgpack headers).
+UPLOAD_ENVELOPE_BYTES = 4096
 
 
 class RuntimeProcess(Protocol):
@@ -188,8 +190,15 @@ class ChannelSandbox:
         return value
 
     def upload(self, local_dir: Path, remote_dir: str) -> None:
-        """Copy the tree at ``local_dir`` to ``remote_dir`` (created if missing) as one tar frame."""
-        self._simple("upload", path=remote_dir, archive=archive.pack_tree(Path(local_dir)))
+        """Copy the tree at ``local_dir`` to ``remote_dir`` (created if missing) as a tar archive."""
+        self.upload_archive(archive.pack_tree(Path(local_dir)), remote_dir)
+
+    def upload_archive(self, data: bytes, remote_dir: str) -> None:
+        """Unpack ``data``, a tar archive made by :func:`rayflow.wire.archive.pack_tree`, at
+        ``remote_dir``: one ``upload`` request, or one per part when it is larger than a frame."""
+        room = self.max_frame_bytes - UPLOAD_ENVELOPE_BYTES - len(remote_dir.encode())
+        for part in archive.split_archive(bytes(data), room):
+            self._simple("upload", path=remote_dir, archive=part)
 
     def download(self, remote_dir: str, local_dir: Path) -> None:
         """Copy the tree at ``remote_dir`` into ``local_dir``; a hostile archive is refused whole."""

@@ -742,6 +742,7 @@ class DockerBackend:
         if policy.mode is NetworkMode.NONE:
             return None, None
         targets = docker_network.resolve(policy)
+        docker_network.check_targets(targets, docker_network.engine_netns())
         name = f"rayflow-{sandbox_id}"
         bridge = f"rf{sandbox_id.replace('-', '')}"
         network = self.client.api.create_network(

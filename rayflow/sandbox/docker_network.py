@@ -16,6 +16,15 @@ the sandbox id decide what may leave it:
   ``route_localnet`` setting lets the kernel route such packets;
 * IPv6 is dropped on the bridge whole (the container's IPv6 is also switched off).
 
+Any other endpoint (a hub bound to its Ray node's address) is reached at its real address, with
+no rewriting: accepted in ``INPUT`` when that address is the host's own, forwarded otherwise
+(through the host's routes, e.g. into an isolated cluster's node namespaces).
+
+The rules go where the engine's bridges are: the engine's network namespace
+(:func:`engine_netns`), which is not the caller's when the caller is a Ray node of an isolated
+cluster running in a namespace of its own. A hub on *that* caller's loopback is out of the
+containers' reach, and such a policy is refused (:func:`check_targets`).
+
 Each endpoint is allowed for TCP and UDP alike (the hub speaks QUIC over UDP). When every
 endpoint is on loopback the bridge is also made ``internal``: the engine then drops whatever it
 would forward off the bridge, a second fence behind these rules.
@@ -28,23 +37,22 @@ needs no state and works from any process (``reap``).
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
-from rayflow.errors import RayflowError
+from rayflow.errors import ConfigError, RayflowError
+from rayflow.sandbox import netfilter
 from rayflow.sandbox.netfilter import (
     MAX_IFNAME,
     PROTOCOLS,
     TAG_PREFIX,
     Rule,
     Target,
-    allow_loopback_routing,
-    apply,
     fence,
     insert_line,
     internal,
-    listed_ids,
-    remove,
     resolve,
     restore_script,
     sandbox_address,
@@ -62,6 +70,8 @@ __all__ = [
     "allow_loopback_routing",
     "apply",
     "block_embedded_dns",
+    "check_targets",
+    "engine_netns",
     "insert_line",
     "internal",
     "listed_ids",
@@ -73,6 +83,63 @@ __all__ = [
     "tag",
     "tagged_deletions",
 ]
+
+
+#: Where a local Docker engine records its pid (dockerd's default, and the ``/var/run`` alias).
+ENGINE_PIDFILES = ("/run/docker.pid", "/var/run/docker.pid")
+
+
+def engine_netns() -> str | None:
+    """The local engine's network namespace file when it is not this process's own, else ``None``.
+
+    ``None`` also when no running ``dockerd`` is found through its pid file (a remote engine: no
+    rule placed anywhere here would fence its bridges, as before).
+    """
+    for pidfile in ENGINE_PIDFILES:
+        try:
+            pid = int(Path(pidfile).read_text().strip())
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "dockerd":
+                continue
+            theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/self/ns/net")
+        except (OSError, ValueError):
+            continue
+        same = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+        return None if same else f"/proc/{pid}/ns/net"
+    return None
+
+
+def check_targets(targets: Sequence[Target], netns: str | None) -> None:
+    """Refuse loopback endpoints when the engine's namespace (``netns``) is not the caller's.
+
+    The rewrite to loopback would land on the engine's loopback, not on the caller's where such a
+    hub listens: the sandbox would silently reach nothing (or whatever else listens there).
+    """
+    if netns is not None and any(t.loopback for t in targets):
+        raise ConfigError(
+            "a Docker sandbox cannot reach an endpoint on the loopback of a process outside the Docker "
+            "engine's network namespace (a Ray node of an isolated cluster); bind the hub to the "
+            "node's address instead"
+        )
+
+
+def apply(rule_list: Sequence[Rule]) -> None:
+    """Insert a sandbox's rules in the engine's network namespace."""
+    netfilter.apply(rule_list, engine_netns())
+
+
+def remove(sandbox_ids: Iterable[str], prefix: str = TAG_PREFIX) -> int:
+    """Delete the rules tagged with ``sandbox_ids`` from the engine's network namespace."""
+    return netfilter.remove(sandbox_ids, prefix, engine_netns())
+
+
+def listed_ids(prefix: str = TAG_PREFIX) -> set[str]:
+    """Ids of the sandboxes that still have rules in the engine's network namespace."""
+    return netfilter.listed_ids(prefix, engine_netns())
+
+
+def allow_loopback_routing(bridge: str) -> None:
+    """Let packets rewritten to loopback be routed from ``bridge`` (in the engine's namespace)."""
+    netfilter.allow_loopback_routing(bridge, engine_netns())
 
 
 def rules(sandbox_id: str, bridge: str, gateway: str, targets: Sequence[Target]) -> list[Rule]:

@@ -10,6 +10,18 @@ is fenced by the tagged rules of :mod:`rayflow.sandbox.netfilter` (``INPUT``, ``
 of the host, of other sandboxes or of the world is reachable. There is no DNS: endpoints are
 resolved on the host. IPv6 is switched off in the namespace and on the host end.
 
+"The host" is the network namespace of the creating process: the machine's own, or a Ray node's
+namespace in an isolated cluster. Any other endpoint (a hub bound to its node's address, on this
+node or on another) is reached at its real address: delivered locally when it is one of the
+namespace's own addresses, otherwise forwarded and masqueraded behind the namespace's address (a
+tagged ``nat POSTROUTING`` rule, so the far side needs no route back to the sandbox's /30). The
+forwarding this needs is switched on here, in the current namespace, for exactly the interfaces
+involved, never assumed from the machine: ``forwarding`` on the sandbox's host end (it goes with
+the interface) and on each interface the replies come in on (``eth0`` of a node). The latter is
+shared, so the sandboxes that needed it are counted in a small ledger per namespace
+(:data:`FORWARDING_DIR`); the last one's :func:`destroy` switches off what this module switched
+on. An interface that already forwarded is left alone, before and after.
+
 The /30 comes from a pool (default :data:`DEFAULT_POOL`), starting at a slot derived from the
 sandbox id and skipping every network already routed or addressed on the host (other
 sandboxes, Docker bridges, VPNs); a lock file serialises the choice between processes.
@@ -29,8 +41,10 @@ import json
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +67,10 @@ TAG_PREFIX = "rayflow-local="
 DEFAULT_POOL = "100.87.0.0/16"
 #: Serialises address choice and interface creation between processes.
 LOCK_FILE = Path("/run/rayflow/local-network.lock")
+#: Ledgers of the interfaces whose IPv4 forwarding this module switched on, one per namespace.
+FORWARDING_DIR = Path("/run/rayflow/local-forwarding")
+#: ``SO_NETNS_COOKIE`` (Linux 5.14+): a namespace's identity, never reused while the system runs.
+SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -208,11 +226,77 @@ def setup_commands(link: Link, remote: bool) -> list[list[str]]:
 
 
 def host_interface_options(link: Link, targets: Sequence[Target]) -> list[tuple[str, str, str]]:
-    """(family, option, value) set on the host end before it comes up."""
+    """(family, option, value) set on the host end before it comes up.
+
+    ``forwarding`` when an endpoint is not on loopback: what the sandbox sends to a remote one
+    comes in on the host end and must be routed on (the reply's interface is handled apart, see
+    :func:`reply_interfaces`).
+    """
     out = [("ipv6", "disable_ipv6", "1")]
     if any(t.loopback for t in targets):
         out.append(("ipv4", "route_localnet", "1"))
+    if not netfilter.internal(targets):
+        out.append(("ipv4", "forwarding", "1"))
     return out
+
+
+def reply_interfaces(answers: Iterable[Sequence[Mapping[str, object]]]) -> list[str]:
+    """Interfaces through which remote endpoints are reached, from ``ip -j route get`` answers.
+
+    The replies come back on them, and are routed on to the sandbox only if they forward. An
+    address of this namespace's own (answered ``local``, via ``lo``) is delivered, not forwarded.
+    """
+    out: list[str] = []
+    for answer in answers:
+        for route in answer:
+            dev = str(route.get("dev", ""))
+            if route.get("type") == "local" or dev in ("", "lo") or dev in out:
+                continue
+            out.append(dev)
+    return out
+
+
+#: interface -> ids of the sandboxes that need its forwarding on (this module switched it on).
+Ledger = dict[str, list[str]]
+
+
+def claim_forwarding(
+    ledger: Mapping[str, Sequence[str]],
+    sandbox_id: str,
+    interfaces: Iterable[str],
+    forwarding: Mapping[str, bool],
+) -> tuple[Ledger, list[str]]:
+    """The ledger with ``sandbox_id`` holding ``interfaces``, and which to switch on now.
+
+    ``forwarding`` tells whether each interface forwards already. One that does and is not in the
+    ledger belongs to someone else (the machine's router setup): left out, never switched off later.
+    """
+    out: Ledger = {dev: list(ids) for dev, ids in ledger.items()}
+    switch_on = []
+    for dev in interfaces:
+        if dev not in out:
+            if forwarding.get(dev, False):
+                continue
+            out[dev] = []
+            switch_on.append(dev)
+        if sandbox_id not in out[dev]:
+            out[dev].append(sandbox_id)
+    return out, switch_on
+
+
+def release_forwarding(
+    ledger: Mapping[str, Sequence[str]], sandbox_id: str, alive: Callable[[str], bool]
+) -> tuple[Ledger, list[str]]:
+    """The ledger without ``sandbox_id`` (nor sandboxes gone meanwhile), and which to switch off now."""
+    out: Ledger = {}
+    switch_off = []
+    for dev, ids in ledger.items():
+        left = [i for i in ids if i != sandbox_id and alive(i)]
+        if left:
+            out[dev] = left
+        else:
+            switch_off.append(dev)
+    return out, switch_off
 
 
 # --- the shell ------------------------------------------------------------------------------------
@@ -248,19 +332,77 @@ def _locked() -> Iterator[None]:
         os.close(fd)
 
 
-def _forwarding_on() -> bool:
+def _netns_key() -> str:
+    """Names the current network namespace for its forwarding ledger."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        (cookie,) = struct.unpack("=Q", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
+        return f"cookie-{cookie}"
+    # Older kernels: the namespace's inode (reusable once the namespace is gone, so second best).
+    st = os.stat("/proc/self/ns/net")
+    return f"inode-{st.st_dev}-{st.st_ino}"
+
+
+def _ledger_path() -> Path:
+    return FORWARDING_DIR / f"{_netns_key()}.json"
+
+
+def _read_ledger(path: Path) -> Ledger:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): [str(i) for i in v] for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_ledger(path: Path, ledger: Ledger) -> None:
+    if not ledger:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ledger))
+    os.replace(tmp, path)
+
+
+def _forwards(dev: str) -> bool:
     with contextlib.suppress(OSError):
-        return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+        return Path(netfilter.interface_option_path(dev, "forwarding")).read_text().strip() == "1"
     return False
 
 
+def _enable_reply_forwarding(sandbox_id: str, targets: Sequence[Target]) -> None:
+    """Switch on forwarding on the interfaces remote ``targets`` answer through (caller holds the lock)."""
+    remote = sorted({t.address for t in targets if not t.loopback})
+    devices = reply_interfaces(_ip_json("route", "get", address) for address in remote)
+    path = _ledger_path()
+    forwarding = {dev: _forwards(dev) for dev in devices}
+    ledger, switch_on = claim_forwarding(_read_ledger(path), sandbox_id, devices, forwarding)
+    # The ledger first: a crash in between leaves a record that the last destroy follows.
+    _write_ledger(path, ledger)
+    for dev in switch_on:
+        netfilter.set_interface_option(dev, "forwarding", "1")
+
+
+def _release_reply_forwarding(sandbox_id: str) -> None:
+    """Drop ``sandbox_id`` from the ledger; switch off what nobody needs any more (caller holds the lock)."""
+    path = _ledger_path()
+    if not path.exists():
+        return
+    ledger, switch_off = release_forwarding(_read_ledger(path), sandbox_id, exists)
+    for dev in switch_off:
+        # A vanished interface has nothing to switch off (its /proc/sys/net entry went with it).
+        with contextlib.suppress(OSError, ConfigError):
+            netfilter.set_interface_option(dev, "forwarding", "0")
+    _write_ledger(path, ledger)
+
+
 def create(sandbox_id: str, targets: Sequence[Target], pool: str = DEFAULT_POOL) -> Link:
-    """Build the namespace, veth pair and fence of ``sandbox_id``; on any failure, remove them again."""
+    """Build the namespace, veth pair and fence of ``sandbox_id``; on any failure, remove them again.
+
+    Everything is made in the caller's network namespace: run it inside a Ray node's namespace
+    and the sandbox hangs off that node (its forwarding and masquerading included).
+    """
     remote = not netfilter.internal(targets)
-    if remote and not _forwarding_on():
-        raise ConfigError(
-            "allow-list endpoints off this host need IPv4 forwarding (sysctl net.ipv4.ip_forward=1)"
-        )
     try:
         with _locked():
             taken = taken_networks(_ip_json("-4", "route", "show", "table", "all"), _ip_json("-4", "addr"))
@@ -277,6 +419,9 @@ def create(sandbox_id: str, targets: Sequence[Target], pool: str = DEFAULT_POOL)
             if family == "ipv4" or os.path.isdir("/proc/sys/net/ipv6"):
                 netfilter.set_interface_option(link.host_if, option, value, family)
         netfilter.apply(rules(link, targets))
+        if remote:
+            with _locked():
+                _enable_reply_forwarding(sandbox_id, targets)
         done = _run(["ip", "link", "set", link.host_if, "up"])
         if done.returncode != 0:
             raise RayflowError(
@@ -291,7 +436,9 @@ def create(sandbox_id: str, targets: Sequence[Target], pool: str = DEFAULT_POOL)
 def destroy(sandbox_id: str) -> None:
     """Remove the fence, the veth pair and the namespace of ``sandbox_id``; missing parts are fine.
 
-    The rules go first, so nothing is ever left reachable without its fence.
+    The rules go first, so nothing is ever left reachable without its fence; forwarding that
+    only this sandbox needed is switched off last. Run it in the namespace :func:`create` ran in
+    (the rules, the host end and the ledger are that namespace's).
     """
     netfilter.remove([sandbox_id], TAG_PREFIX)
     host_if = host_interface(sandbox_id)
@@ -299,6 +446,8 @@ def destroy(sandbox_id: str) -> None:
         _run(["ip", "link", "del", host_if])
     if (NETNS_DIR / netns_name(sandbox_id)).exists():
         _run(["ip", "netns", "del", netns_name(sandbox_id)])
+    with _locked():
+        _release_reply_forwarding(sandbox_id)
 
 
 def exists(sandbox_id: str) -> bool:

@@ -12,13 +12,21 @@ a veth pair into a network namespace). The fence is the same for both:
   ``route_localnet`` setting lets the kernel route such packets);
 * IPv6 from or to the interface is dropped whole.
 
+An endpoint at any other address is reached at that very address, with no rewriting: a hub bound
+to its node's address (``100.90.1.10``), on this host or on another node. Its accept rule goes
+into ``INPUT`` *and* the forward chain: each matches only where such packets go (to one of the
+host's own addresses, or through the host), so whether the endpoint lives on this host needs no
+deciding at creation and the rule stays right if it moves.
+
 Each endpoint is allowed for TCP and UDP alike (the hub speaks QUIC over UDP). Every rule carries
 a comment tag naming the sandbox, so removal needs no state and works from any process: a later
 sweep reads ``iptables-save`` and deletes what it finds. Each backend tags with its own prefix,
 so one backend's sweep never takes another's rules.
 
 The rule sets are pure functions (tested without a kernel); the functions after them run
-``iptables-save``/``iptables-restore``.
+``iptables-save``/``iptables-restore``, in the caller's network namespace or, given ``netns`` (the
+path of a namespace file), in that one through ``nsenter`` (Docker's bridges live in the engine's
+namespace, which a Ray node running in a namespace of its own is not in).
 """
 
 from __future__ import annotations
@@ -148,6 +156,9 @@ def fence(
                 )
                 out.append(Rule("filter", "INPUT", ("-i", interface, *match, *comment, "-j", "ACCEPT")))
             else:
+                # At its real address: delivered here (INPUT) when it is one of the host's own
+                # addresses, forwarded otherwise; each rule matches only its own case.
+                out.append(Rule("filter", "INPUT", ("-i", interface, *match, *comment, "-j", "ACCEPT")))
                 out.append(Rule("filter", forward_chain, ("-i", interface, *match, *comment, "-j", "ACCEPT")))
     return out
 
@@ -193,26 +204,46 @@ def restore_script(lines: Iterable[tuple[str, str]]) -> str:
     )
 
 
+_PLAIN_ARG = re.compile(r"^[A-Za-z0-9_.,:/=@%+!-]+$")
+
+
+def restore_quote(arg: str) -> str:
+    """``arg`` as ``iptables-restore`` reads it: bare, or in double quotes (it knows no single quotes).
+
+    Why not :func:`shlex.quote`: it quotes ``!`` (the negation of ``! -o``) in single quotes,
+    which ``iptables-restore`` takes literally and refuses.
+    """
+    if _PLAIN_ARG.match(arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def insert_line(rule: Rule) -> str:
-    return shlex.join(["-I", rule.chain, "1", *rule.args])
+    return " ".join(restore_quote(a) for a in ("-I", rule.chain, "1", *rule.args))
 
 
 # --- the shell: running iptables ----------------------------------------------------------------
+def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
+    """``argv`` run in the network namespace file ``netns`` (``nsenter``), or as is for ``None``."""
+    return list(argv) if netns is None else ["nsenter", f"--net={netns}", *argv]
+
+
 def _tool(ipv6: bool, action: str) -> str | None:
     """Path of ``iptables-save``/``iptables-restore`` (``ip6tables-*`` for IPv6), if installed."""
     return shutil.which(f"{'ip6tables' if ipv6 else 'iptables'}-{action}")
 
 
-def _restore(ipv6: bool, script: str) -> subprocess.CompletedProcess[str] | None:
+def _restore(ipv6: bool, script: str, netns: str | None = None) -> subprocess.CompletedProcess[str] | None:
     tool = _tool(ipv6, "restore")
     if tool is None or not script:
         return None
     return subprocess.run(
-        [tool, "-w", "--noflush"], input=script, capture_output=True, text=True, timeout=30, check=False
-    )
+        in_netns(netns, [tool, "-w", "--noflush"]),
+        input=script, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
 
 
-def apply(rule_list: Sequence[Rule]) -> None:
+def apply(rule_list: Sequence[Rule], netns: str | None = None) -> None:
     """Insert ``rule_list``, one atomic commit per table; IPv6 rules only where ip6tables works.
 
     Why ``iptables-restore``: one process for all of a sandbox's rules instead of one per rule
@@ -222,35 +253,35 @@ def apply(rule_list: Sequence[Rule]) -> None:
         raise ConfigError("hub-only and allow-list sandboxes need iptables-restore on PATH")
     for ipv6 in (False, True):
         script = restore_script((r.table, insert_line(r)) for r in rule_list if r.ipv6 is ipv6)
-        done = _restore(ipv6, script)
+        done = _restore(ipv6, script, netns)
         if done is not None and done.returncode != 0 and not ipv6:
             raise RayflowError(f"iptables refused the sandbox's rules: {done.stderr.strip()}")
 
 
-def _dump(ipv6: bool) -> str:
+def _dump(ipv6: bool, netns: str | None = None) -> str:
     tool = _tool(ipv6, "save")
     if tool is None:
         return ""
-    done = subprocess.run([tool], capture_output=True, text=True, timeout=30, check=False)
+    done = subprocess.run(in_netns(netns, [tool]), capture_output=True, text=True, timeout=30, check=False)
     return done.stdout if done.returncode == 0 else ""
 
 
-def listed_ids(prefix: str = TAG_PREFIX) -> set[str]:
+def listed_ids(prefix: str = TAG_PREFIX, netns: str | None = None) -> set[str]:
     """Ids of every sandbox that still has rules tagged with ``prefix``."""
     return {
         sandbox_id
         for ipv6 in (False, True)
-        for sandbox_id, _, _ in tagged_deletions(_dump(ipv6), prefix=prefix)
+        for sandbox_id, _, _ in tagged_deletions(_dump(ipv6, netns), prefix=prefix)
     }
 
 
-def remove(sandbox_ids: Iterable[str], prefix: str = TAG_PREFIX) -> int:
+def remove(sandbox_ids: Iterable[str], prefix: str = TAG_PREFIX, netns: str | None = None) -> int:
     """Delete every rule tagged with one of ``sandbox_ids``; returns how many were deleted."""
     wanted = set(sandbox_ids)
     deleted = 0
     for ipv6 in (False, True) if wanted else ():
-        found = tagged_deletions(_dump(ipv6), wanted, prefix)
-        done = _restore(ipv6, restore_script((table, line) for _, table, line in found))
+        found = tagged_deletions(_dump(ipv6, netns), wanted, prefix)
+        done = _restore(ipv6, restore_script((table, line) for _, table, line in found), netns)
         if done is None or done.returncode == 0:
             deleted += len(found)
             continue
@@ -259,21 +290,39 @@ def remove(sandbox_ids: Iterable[str], prefix: str = TAG_PREFIX) -> int:
         binary = shutil.which("ip6tables" if ipv6 else "iptables")
         for _, table, line in found if binary else ():
             one = subprocess.run(
-                [binary, "-w", "-t", table, *shlex.split(line)], capture_output=True, timeout=30, check=False
-            )
+                in_netns(netns, [binary, "-w", "-t", table, *shlex.split(line)]),
+                capture_output=True, timeout=30, check=False,
+            )  # fmt: skip
             deleted += one.returncode == 0
     return deleted
 
 
-def allow_loopback_routing(interface: str) -> None:
+def allow_loopback_routing(interface: str, netns: str | None = None) -> None:
     """Let packets rewritten to a loopback address be routed when they arrive on ``interface``."""
-    set_interface_option(interface, "route_localnet", "1")
+    set_interface_option(interface, "route_localnet", "1", netns=netns)
 
 
-def set_interface_option(interface: str, option: str, value: str, family: str = "ipv4") -> None:
-    """Write ``/proc/sys/net/<family>/conf/<interface>/<option>`` in the caller's network namespace."""
+def interface_option_path(interface: str, option: str, family: str = "ipv4") -> str:
+    """``/proc/sys/net/<family>/conf/<interface>/<option>``, after checking both names."""
     for part in (interface, option):
         if not part or "/" in part or part.startswith("."):
             raise ConfigError(f"invalid interface setting {interface!r}/{option!r}")
-    with open(f"/proc/sys/net/{family}/conf/{interface}/{option}", "w") as f:
-        f.write(value)
+    return f"/proc/sys/net/{family}/conf/{interface}/{option}"
+
+
+def set_interface_option(
+    interface: str, option: str, value: str, family: str = "ipv4", netns: str | None = None
+) -> None:
+    """Write an interface's ``/proc/sys/net`` setting in the caller's network namespace, or in ``netns``."""
+    path = interface_option_path(interface, option, family)
+    if netns is None:
+        with open(path, "w") as f:
+            f.write(value)
+        return
+    # /proc/sys/net shows the namespace of whoever opens it: open it from inside ``netns``.
+    done = subprocess.run(
+        in_netns(netns, ["sh", "-c", 'printf %s "$1" > "$0"', path, value]),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RayflowError(f"could not set {path} in {netns}: {done.stderr.strip()}")

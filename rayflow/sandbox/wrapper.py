@@ -61,6 +61,9 @@ class SandboxWrapper:
     def upload(self, local_dir: Path, remote_dir: str) -> None:
         self._inner.upload(local_dir, remote_dir)
 
+    def upload_archive(self, data: bytes, remote_dir: str) -> None:
+        self._inner.upload_archive(data, remote_dir)
+
     def download(self, remote_dir: str, local_dir: Path) -> None:
         self._inner.download(remote_dir, local_dir)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rayflow.errors import InvalidInputError, RayflowError
+from rayflow.errors import HubUnreachableError, InvalidInputError, RayflowError
 from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.spec import SandboxSpec
 from rayflow.swarm.dispatch_loop import DispatchLoop, Fleet, RunStats
@@ -46,7 +46,7 @@ DECOMPOSE_STEP = "rayflow.guest.agents.coordinator_steps:decompose"
 SYNTHESIZE_STEP = "rayflow.guest.agents.coordinator_steps:synthesize"
 #: Results handed to a sandboxed synthesis step travel in one frame: keep them compact.
 SYNTHESIS_FIELDS = ("subtask_id", "index", "ok", "value", "error", "dispatches", "worker_id", "node_id",
-                    "started_at", "ended_at")
+                    "region", "started_at", "ended_at")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class HubSession:
 
     endpoint: HubEndpoint
     mint: TokenMinter
+    #: Seconds the coordinator's own hub client waits for a connection; ``None``: the client's default.
+    connect_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,12 +159,17 @@ class CoordinatorCore:
                 on_progress=self._on_progress,
                 worker_prefix=f"{job.name}-w",
                 close_fleet=False,
+                # A hub no node can reach is a finding to report, not a crash: the job ends with
+                # its subtasks failed unrun and a report that says why.
+                abandon_on=(HubUnreachableError.code,) if worker_plan.memory else (),
             )
             stats = self.coordinator.run(matts.transform(subtasks, sink))
             sink.finish()
             stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            # Before the report: it says how many workers started, and where and why others did not.
+            log_file.set_meta(coordinator=dataclasses.asdict(stats))
             report = self._synthesize(log_file)
-            log_file.set_meta(finished_at=self._clock(), coordinator=dataclasses.asdict(stats))
+            log_file.set_meta(finished_at=self._clock())
             # Cleanup after the report: workers remove their sandboxes (waited for, so nothing is
             # left once run() returns); a sweep for the sandboxes of workers that died, if any did.
             fleet.close()
@@ -263,7 +270,8 @@ class CoordinatorCore:
             # The job's results and its shared memory (where MaTTS lessons go).
             token = self._hub.mint(f"{COORDINATOR}-{self.job.name}", self.job.token_namespaces(),
                                    self.job.token_ttl_s)
-            self._client = SyncHubClient.for_endpoint(self._hub.endpoint, token=token)
+            options = {} if self._hub.connect_timeout_s is None else {"connect_timeout_s": self._hub.connect_timeout_s}
+            self._client = SyncHubClient.for_endpoint(self._hub.endpoint, token=token, **options)
         return self._client
 
     def _recover(self, subtask: Subtask) -> SubtaskResult | None:

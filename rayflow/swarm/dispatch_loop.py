@@ -8,7 +8,8 @@ Either way the same loop decides what runs where, through the pure
 
 Failure handling: an agent that fails is a *result* (reported, not retried); a worker whose
 actor, node or container fails is replaced by a fresh one, and its subtask goes to another
-worker. Before rerunning, the coordinator asks :attr:`recover` whether the lost worker had
+worker. A worker that fails to *start* is counted with where and why (:attr:`RunStats.start_failures`),
+never silently replaced. Before rerunning, the coordinator asks :attr:`recover` whether the lost worker had
 already recorded the result in the hub (it records each result before answering), so work that
 finished is not done twice and each subtask still appears exactly once.
 """
@@ -16,10 +17,11 @@ finished is not done twice and each subtask still appears exactly once.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +37,8 @@ LAUNCH_CHECK_S = 1.0
 
 #: What a worker's run gives back.
 RunOutcome = tuple[SubtaskResult, list[PhaseEvent]]
+#: Failed starts kept with their details (the rest are counted, by error code).
+MAX_START_FAILURES_KEPT = 20
 
 
 class WorkerHandle(Protocol):
@@ -66,10 +70,20 @@ class ResultSink(Protocol):
 
 @dataclass
 class RunStats:
-    """Counters of one coordinator run (for the report and the progress display)."""
+    """Counters of one coordinator run (for the report and the progress display).
 
+    Plain JSON-able fields only: the ``Coordinator`` actor hands them out as a dict for progress,
+    and a run's summary keeps them; readers must accept dicts that lack fields added later.
+    """
+
+    #: Workers the job asked for at once.
+    workers_asked: int = 0
     launched: int = 0
     launch_failures: int = 0
+    #: Failed starts by error code (``hub_unreachable``, ``sandbox_failed``, ``start_timeout``...).
+    start_failure_codes: dict[str, int] = field(default_factory=dict)
+    #: The first :data:`MAX_START_FAILURES_KEPT` failed starts: ``{"worker", "node", "region", "code", "message"}``.
+    start_failures: list[dict[str, str]] = field(default_factory=list)
     worker_failures: int = 0
     recovered_from_hub: int = 0
     done: int = 0
@@ -79,6 +93,55 @@ class RunStats:
     #: Peak resident memory of the coordinator's process (bytes), taken when the run ends.
     peak_rss_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    #: Results whose agent used memory; of them, those that reached the hub and those with memory
+    #: errors (see :mod:`rayflow.wire.memory_use`), and the memory hits, as results come in.
+    memory_used: int = 0
+    memory_reached: int = 0
+    memory_errors: int = 0
+    memory_hits: int = 0
+    #: The last memory error seen (``"<ErrorClass>: <message>"``).
+    memory_last_error: str = ""
+    #: Subtasks recorded as failed unrun because no worker could be started.
+    abandoned: int = 0
+
+    def start_failed(self, worker_id: str, exc: BaseException | None, message: str = "") -> None:
+        """Count a worker that did not start: ``exc`` (or a ``message`` for a timeout) says why; a
+        :class:`~rayflow.errors.RayflowError`'s ``node`` and ``region`` details say where."""
+        error = error_of(exc) if exc is not None else {"code": "start_timeout", "message": message}
+        details = getattr(exc, "details", None) or {}
+        self.launch_failures += 1
+        self.start_failure_codes[error["code"]] = self.start_failure_codes.get(error["code"], 0) + 1
+        self.errors.append(f"{worker_id}: {error['message']}")
+        if len(self.start_failures) < MAX_START_FAILURES_KEPT:
+            self.start_failures.append({
+                "worker": worker_id,
+                "node": str(details.get("node") or ""),
+                "region": str(details.get("region") or ""),
+                "code": error["code"],
+                "message": error["message"][:500],
+            })
+
+    def snapshot(self) -> RunStats:
+        """A copy another thread may read while the run goes on (its lists and dicts its own)."""
+        return dataclasses.replace(
+            self,
+            start_failure_codes=dict(self.start_failure_codes),
+            start_failures=[dict(f) for f in self.start_failures],
+            errors=list(self.errors),
+        )
+
+    def result_recorded(self, result: SubtaskResult) -> None:
+        """Count a result the run keeps (its pass, and how its agent used memory)."""
+        self.done += 1
+        self.ok += int(result.ok)
+        self.memory_hits += result.memory_hits
+        use = result.memory
+        if use is not None and use.used:
+            self.memory_used += 1
+            self.memory_reached += int(use.reached)
+            if use.errors:
+                self.memory_errors += 1
+                self.memory_last_error = use.last_error
 
 
 class SwarmError(RayflowError):
@@ -111,7 +174,12 @@ class DispatchLoop:
         launch_check_s: float = LAUNCH_CHECK_S,
         close_fleet: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        abandon_on: Collection[str] = (),
     ) -> None:
+        """``abandon_on``: error codes of failed starts after which a job that can start no worker
+        at all (``max_launch_failures`` spent) records every subtask without a result as failed
+        with that error and returns, so it still ends with a report; for any other last failure
+        it raises :class:`SwarmError`, as it does by default."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self._fleet = fleet
@@ -127,9 +195,11 @@ class DispatchLoop:
         #: False when the caller closes the fleet itself (after its report, so cleanup is not waited on first).
         self._close_fleet = close_fleet
         self._clock = clock
+        self._abandon_on = frozenset(abandon_on)
         self._serial = 0
         self._cancelled = threading.Event()
-        self.stats = RunStats()
+        self.stats = RunStats(workers_asked=workers)
+        self._last_start_code = ""
 
     def cancel(self) -> None:
         """Stop dispatching; running subtasks finish or are abandoned, workers are stopped."""
@@ -167,8 +237,7 @@ class DispatchLoop:
 
         def record(result: SubtaskResult) -> None:
             self._sink.append(result)
-            self.stats.done += 1
-            self.stats.ok += int(result.ok)
+            self.stats.result_recorded(result)
 
         try:
             for _ in range(self._workers):
@@ -180,10 +249,15 @@ class DispatchLoop:
                 if not running and not launching:
                     if self.stats.launch_failures >= self._max_launch_failures:
                         last = self.stats.errors[-1] if self.stats.errors else "unknown"
-                        raise SwarmError(
-                            f"no worker could be started ({self.stats.launch_failures} tries); last: {last}",
-                            failures=self.stats.launch_failures,
-                        )
+                        message = f"no worker could be started ({self.stats.launch_failures} tries); last: {last}"
+                        code = self._last_start_code
+                        if code not in self._abandon_on:
+                            raise SwarmError(message, failures=self.stats.launch_failures)
+                        log.warning("giving up the job's remaining subtasks: %s", message)
+                        for failed in ledger.abandon({"code": code, "message": f"not run: {message}"}):
+                            record(failed)
+                            self.stats.abandoned += 1
+                        break
                     launch()
                 # Once the decomposition is used up, idle workers only cost sandboxes: stop them.
                 if ledger.exhausted and ledger.waiting_retries == 0:
@@ -200,9 +274,10 @@ class DispatchLoop:
                         try:
                             handle, events = future.result()
                         except BaseException as exc:  # noqa: BLE001 - a failed start is counted and retried
-                            self.stats.launch_failures += 1
-                            self.stats.errors.append(f"{worker_id}: {error_of(exc)['message']}")
-                            log.warning("worker %s failed to start: %s", worker_id, exc)
+                            self.stats.start_failed(worker_id, exc)
+                            error = error_of(exc)
+                            self._last_start_code = error["code"]
+                            log.warning("worker %s failed to start: %s: %s", worker_id, error["code"], error["message"])
                             continue
                         for event in events:
                             self._sink.append_event(event)
@@ -227,7 +302,7 @@ class DispatchLoop:
                         record(accepted)
                     idle.append(handle)
                 if self._on_progress is not None:
-                    self._on_progress(self.stats)
+                    self._on_progress(self.stats.snapshot())
         finally:
             for handle in list(live.values()):
                 handle.stop()
@@ -247,8 +322,8 @@ class DispatchLoop:
             if not future.done() and now - started > self._launch_timeout_s:
                 worker_id = launching.pop(future)
                 del launched_at[future]
-                self.stats.launch_failures += 1
-                self.stats.errors.append(f"{worker_id}: did not start within {self._launch_timeout_s:.0f} s")
+                self.stats.start_failed(worker_id, None, f"did not start within {self._launch_timeout_s:.0f} s")
+                self._last_start_code = "start_timeout"
                 future.add_done_callback(_stop_when_started)
 
     def _worker_lost(

@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from rayflow.config import DEFAULT_MAX_UPLOAD_BYTES
 from rayflow.errors import ConfigError, InvalidInputError
 from rayflow.ids import new_id
 from rayflow.sandbox.spec import Limits
+from rayflow.swarm.upload import ARCHIVE, UploadSource, pack_directory
 from rayflow.wire.globbing import glob_files
 from rayflow.wire.subtasks import Pattern, Subtask
 
@@ -259,8 +261,10 @@ class Job:
     workers: int = 4
     #: How many workers a subtask may be given before it is reported failed (worker/container failures).
     max_dispatches: int = 3
-    #: Host directory copied into every sandbox's work directory (defaults to a FileGlob's repo).
-    upload: str | None = None
+    #: What every sandbox's work directory starts with: a host directory (defaults to a FileGlob's
+    #: repo), or an :class:`~rayflow.swarm.upload.UploadSource` (a packed archive; ``Swarm.run``
+    #: packs a directory into one, see :func:`packed_job`).
+    upload: str | UploadSource | None = None
     #: Adopt workers started ahead by ``Swarm.prewarm`` (sandbox already provisioned) before
     #: starting any cold. (A job with ``isolation="subtask"`` uses a ``WarmPool`` per worker anyway.)
     warm_pool: bool = False
@@ -296,7 +300,7 @@ class Job:
         upload = self.upload
         if upload is None and isinstance(self.decomposition, FileGlob):
             upload = self.decomposition.repo
-        if upload is not None:
+        if upload is not None and not isinstance(upload, UploadSource):
             upload = str(Path(upload).resolve())
             if not Path(upload).is_dir():
                 raise ConfigError(f"upload directory {upload} does not exist")
@@ -329,6 +333,31 @@ def _segment(text: str) -> str:
         return cleaned
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def packed_job(
+    job: Job, keep: Callable[[bytes], UploadSource], *, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+) -> Job:
+    """``job`` as it travels to machines that do not share this one's disk: it names no path here.
+
+    Its upload directory is packed once, now (a :class:`ConfigError` above ``max_bytes``, saying
+    how big it was), and ``keep`` stores the archive where workers can fetch it and returns the
+    source naming it; archive bytes handed in are stored the same way. Pattern A's file glob is
+    listed now into a task list, because the coordinator that would list it may run on another
+    machine (pattern B lists it in the coordinator's sandbox, from the uploaded copy). An upload
+    that is already a fetch is kept as it is.
+    """
+    upload = job.upload
+    if isinstance(upload, str):
+        upload = keep(pack_directory(Path(upload), max_bytes))
+    elif isinstance(upload, UploadSource) and upload.kind == ARCHIVE:
+        upload = keep(upload.load())
+    decomposition = job.decomposition
+    if job.pattern is Pattern.HYBRID and isinstance(decomposition, FileGlob):
+        decomposition = TaskList(iter_task_payloads(decomposition, job.task))
+    if upload is job.upload and decomposition is job.decomposition:
+        return job
+    return replace(job, upload=upload, decomposition=decomposition)
 
 
 def subtasks_of(job: Job) -> Iterator[Subtask]:

@@ -152,6 +152,21 @@ class DispatchLedger:
                 self._retries.appendleft(history)
         return failed
 
+    def abandon(self, error: dict[str, str]) -> Iterator[SubtaskResult]:
+        """Give up on every subtask that has no result and is not running: those waiting for a retry
+        and the rest of the decomposition, each a failed result with ``error`` (lazily, so a big
+        decomposition is never held whole). Used when no worker can be started at all."""
+        while self._retries:
+            retry = self._retries.popleft()
+            self._history.pop(retry.subtask.id, None)
+            yield self._given_up(retry.subtask, error, retry.dispatches)
+        while (subtask := self._pull()) is not None:
+            yield self._given_up(subtask, error, 0)
+
+    def _given_up(self, subtask: Subtask, error: dict[str, str], dispatches: int) -> SubtaskResult:
+        self._done.add(subtask.index)
+        return SubtaskResult(subtask.id, subtask.index, False, error=dict(error), dispatches=dispatches)
+
     def _drop_retry(self, subtask_id: str) -> None:
         for position, retry in enumerate(self._retries):
             if retry.subtask.id == subtask_id:

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError
 from rayflow.memory.judge import clip, parse_test_summary
 from rayflow.swarm.job import AgentRef, Job, Matts, MattsAgentProfile
+from rayflow.wire.memory_use import MEMORY_FIELD, MemoryUse
 from rayflow.wire.subtasks import PhaseEvent, Subtask, SubtaskResult
 
 log = logging.getLogger("rayflow.swarm.matts")
@@ -229,6 +230,7 @@ def rollout_summary(result: SubtaskResult, *, profile: MattsAgentProfile = ANY_A
         "dispatches": result.dispatches,
         "worker_id": result.worker_id,
         "node_id": result.node_id,
+        "region": result.region,
         "sandbox_id": result.sandbox_id,
         "exit_code": result.exit_code,
         "error": dict(result.error) if result.error is not None else None,
@@ -287,6 +289,10 @@ def group_result(
     ordered = sorted(results, key=lambda result: (rollout_number(result, k), result.subtask_id))
     summaries = [rollout_summary(result, profile=profile) for result in ordered]
     base = dict(winner.value) if isinstance(winner.value, Mapping) else {"value": winner.value}
+    memory = _memory_of_rollouts(results)
+    if memory is not None:
+        # The scaled subtask used memory in every rollout: count all of them, as with attempts.
+        base[MEMORY_FIELD] = memory.to_dict()
     value = {
         **base,
         "attempts": sum(result.attempts for result in results),
@@ -314,9 +320,20 @@ def group_result(
         worker_id=winner.worker_id,
         node_id=winner.node_id,
         sandbox_id=winner.sandbox_id,
+        region=winner.region,
         started_at=min(started) if started else 0.0,
         ended_at=max(ended) if ended else 0.0,
     )
+
+
+def _memory_of_rollouts(results: Sequence[SubtaskResult]) -> MemoryUse | None:
+    """The memory use of every rollout summed, or ``None`` when none used memory."""
+    total: MemoryUse | None = None
+    for result in results:
+        use = result.memory
+        if use is not None:
+            total = use if total is None else total.merged(use)
+    return total
 
 
 # --- what the rollouts teach, by contrast ------------------------------------------------------------

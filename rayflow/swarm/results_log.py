@@ -15,6 +15,11 @@ re-dispatches, time per phase, subtasks per worker) are updated on every append,
 
 A line torn by a crash mid-write has no trailing newline: it is skipped on read, and cut off
 before the first new append so the next record starts on a line of its own.
+
+Why chunks: the log is written on the coordinator's machine, which need not be the one that asked
+for the job. :func:`read_log_chunk` gives its whole lines from a byte offset, a bounded chunk at a
+time, and :func:`copy_log` writes them to a file of the asking machine in the same format, so
+moving a log never holds more than one chunk in memory on either side.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,8 +51,10 @@ class RunSummary(ResultCounts):
     def __init__(self) -> None:
         super().__init__()
         self.meta: dict[str, Any] = {}
-        self.workers: dict[str, dict[str, int]] = {}
+        #: Per worker: subtasks, ok, failed (counts) and its node and region (as its results say).
+        self.workers: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, int] = {}
+        self.regions: dict[str, int] = {}
         self.error_codes: dict[str, int] = {}
         self.phase_busy_s: dict[str, float] = {}
         self.phase_spans: dict[str, int] = {}
@@ -60,8 +68,12 @@ class RunSummary(ResultCounts):
         worker = self.workers.setdefault(result.worker_id or "-", {"subtasks": 0, "ok": 0, "failed": 0})
         worker["subtasks"] += sign
         worker["ok" if result.ok else "failed"] += sign
+        if sign > 0:
+            worker["node"], worker["region"] = result.node_id, result.region
         if result.node_id:
             self.nodes[result.node_id] = self.nodes.get(result.node_id, 0) + sign
+        if result.region:
+            self.regions[result.region] = self.regions.get(result.region, 0) + sign
         if not result.ok:
             code = str((result.error or {}).get("code", "failed"))
             self.error_codes[code] = self.error_codes.get(code, 0) + sign
@@ -102,6 +114,8 @@ class RunSummary(ResultCounts):
             "phase_spans": dict(self.phase_spans),
             "workers": {k: dict(v) for k, v in self.workers.items() if v["subtasks"] > 0},
             "nodes": {k: v for k, v in self.nodes.items() if v > 0},
+            "regions": {k: v for k, v in self.regions.items() if v > 0},
+            **self.memory_summary(),
             "error_codes": {k: v for k, v in self.error_codes.items() if v > 0},
         }
 
@@ -279,6 +293,76 @@ class ResultsLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Bytes of whole lines one chunk of a results log carries at most (a longer line goes alone).
+LOG_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """Whole lines of a results log from one byte offset: how a log moves between machines."""
+
+    data: bytes
+    #: Where the next chunk starts.
+    next_offset: int
+    #: True when no whole line follows (a torn last line, left by a crash, is never sent).
+    end: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "next_offset": self.next_offset, "end": self.end}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LogChunk:
+        return cls(bytes(data["data"]), int(data["next_offset"]), bool(data["end"]))
+
+
+def read_log_chunk(
+    path: str | os.PathLike[str], offset: int = 0, max_bytes: int = LOG_CHUNK_BYTES
+) -> LogChunk:
+    """The whole lines of the log at ``path`` from byte ``offset``, about ``max_bytes`` of them
+    (at least one line, however long), read without loading the rest of the file."""
+    if offset < 0 or max_bytes <= 0:
+        raise InvalidInputError("a log chunk needs offset >= 0 and max_bytes > 0", offset=offset)
+    with open(path, "rb") as reader:
+        size = os.fstat(reader.fileno()).st_size
+        reader.seek(offset)
+        data = reader.read(max_bytes)
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and data:
+            # No line ends within max_bytes: one long line, sent whole if it is whole.
+            data += reader.readline()
+            cut = len(data) if data.endswith(b"\n") else 0
+    # The end once this read reached the end of the file: what it left is a torn line, never sent.
+    return LogChunk(data[:cut], offset + cut, cut == 0 or offset + len(data) >= size)
+
+
+def copy_log(read: Callable[[int], LogChunk], dest: str | os.PathLike[str]) -> Path:
+    """Write the log that ``read(offset)`` returns chunk by chunk to ``dest``, replacing it.
+
+    One chunk is in memory at a time; ``dest`` appears whole or not at all (written beside it, then
+    renamed), so a reader never sees half a log.
+    """
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.part")
+    try:
+        with open(partial, "wb") as out:
+            offset = 0
+            while True:
+                chunk = read(offset)
+                if chunk.next_offset < offset or (not chunk.data and not chunk.end):
+                    raise InvalidInputError("a results log chunk went backwards or stalled", offset=offset)
+                out.write(chunk.data)
+                offset = chunk.next_offset
+                if chunk.end:
+                    break
+        os.replace(partial, target)
+    except OSError as exc:
+        raise StorageError(f"could not write the results log: {exc}", path=str(target)) from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -3,15 +3,24 @@
 This is the logic of the ``SandboxWorker`` Ray actor without Ray, so it runs (and is tested) in a
 plain process too. A worker:
 
-* provisions its sandbox (cold from a backend, or adopted as a warm worker), uploads the job's
+* provisions its sandbox (cold from a backend, or adopted as a warm worker), unpacks the job's
   repository into it and asks the runtime how it runs Python (so an agent starts exactly as the
-  runtime does, whatever the backend);
+  runtime does, whatever the backend). The repository comes from the plan's
+  :class:`~rayflow.swarm.upload.UploadSource`, never from a path the worker is told about: on Ray
+  the driver packed it once into the object store and the worker fetches the archive from there
+  (it may run on a machine that never had the directory); a plain process may name a local
+  directory, packed as it is at each upload;
 * with the job's ``isolation="worker"`` (the default) keeps that one sandbox for its whole life;
   with ``isolation="subtask"`` runs every subtask in a sandbox nobody used before: it holds a
   :class:`~rayflow.sandbox.pool.WarmPool` of size 1 that creates *and prepares* (upload, identity,
   agent host: what provisioning does) the next sandbox in the background while the current
   subtask runs, destroys each sandbox right after its subtask, and takes the prepared one for the
-  next subtask. It never has more than one sandbox in use, plus at most one being prepared;
+  next subtask. It never has more than one sandbox in use, plus at most one being prepared. It
+  fetches a packed repository once and keeps the bytes for every fresh sandbox it prepares;
+* with memory on, checks once at start, from inside its sandbox, that the hub answers
+  (:mod:`rayflow.swarm.hub_check`); a hub it cannot reach fails the start with a
+  :class:`~rayflow.errors.HubUnreachableError` naming the node, the hub and the cause, so no work
+  is placed where every memory call would fail;
 * holds a short-lived hub token scoped to the job's tenant and namespaces, minted by the hub and
   refreshed before it runs out; the token is handed to each agent run in its environment, never
   baked into the sandbox, so a refreshed token reaches the next subtask;
@@ -36,7 +45,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 from rayflow.errors import ConfigError, InvalidInputError, RayflowError, SandboxError
@@ -44,9 +52,18 @@ from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.gc import current_process_owner
 from rayflow.sandbox.pool import SOURCE_READY, PooledSandbox, WarmPool
 from rayflow.sandbox.spec import ExecResult, NetworkPolicy, SandboxSpec
+from rayflow.swarm.hub_check import (
+    HUB_CHECK_SPEC,
+    HUB_CHECK_TIMEOUT_S,
+    check_cause,
+    dialled_address,
+    hub_check_spec,
+    hub_unreachable,
+)
 from rayflow.swarm.job import AgentRef, Job, subtask_result_namespace
+from rayflow.swarm.upload import UploadSource
 from rayflow.wire.guest_commands import AGENT_HOST_SOCKET, launcher_argv, runtime_argv
-from rayflow.wire.hub_endpoint import CA_ENV, SERVER_NAME_ENV, HubEndpoint
+from rayflow.wire.hub_endpoint import CA_ENV, CONNECT_TIMEOUT_ENV, SERVER_NAME_ENV, TOKEN_ENV, HubEndpoint
 from rayflow.wire.subtasks import Phase, PhaseEvent, Subtask, SubtaskResult
 
 log = logging.getLogger("rayflow.swarm.worker_core")
@@ -81,7 +98,8 @@ class WorkerPlan:
     job_name: str
     agent: AgentRef
     spec: SandboxSpec
-    upload: str | None
+    #: What every sandbox starts with (``None``: nothing); see :class:`~rayflow.swarm.upload.UploadSource`.
+    upload: UploadSource | None
     token_namespaces: tuple[str, ...]
     token_ttl_s: int
     memory: bool
@@ -114,7 +132,7 @@ class WorkerPlan:
             job_name=job.name,
             agent=job.agent,
             spec=spec,
-            upload=job.upload,
+            upload=upload_source(job.upload),
             token_namespaces=tuple(job.token_namespaces()),
             token_ttl_s=job.token_ttl_s,
             memory=job.memory and hub is not None,
@@ -122,6 +140,13 @@ class WorkerPlan:
             isolation=job.isolation,
             tenant=job.tenant,
         )
+
+
+def upload_source(upload: str | UploadSource | None) -> UploadSource | None:
+    """A job's ``upload`` as a source: a directory path becomes a directory source."""
+    if upload is None or isinstance(upload, UploadSource):
+        return upload
+    return UploadSource.from_directory(upload)
 
 
 def sandbox_profile(spec: SandboxSpec) -> tuple[object, ...]:
@@ -242,12 +267,21 @@ class WorkerCore:
         hub: HubEndpoint | None = None,
         mint_token: TokenMinter | None = None,
         node_id: str = "",
+        region: str = "",
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
+        hub_check_timeout_s: float = HUB_CHECK_TIMEOUT_S,
+        hub_connect_timeout_s: float | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.plan = plan
         self.node_id = node_id
+        #: The region of the worker's node (``""``: none named); every result carries it.
+        self.region = region
+        #: How long the start's hub check may take (memory on only).
+        self._hub_check_timeout_s = hub_check_timeout_s
+        #: Seconds hub clients (this worker's, and its agents') wait for a connection; ``None``: their default.
+        self._hub_connect_timeout_s = hub_connect_timeout_s
         self._create = create_sandbox
         self._hub = hub if plan.memory or plan.results_namespace else None
         self._mint = mint_token
@@ -267,6 +301,11 @@ class WorkerCore:
         self._generation = 0
         #: Whether a subtask ran in the sandbox in use (subtask isolation never runs a second).
         self._used = False
+        #: isolation="subtask": the upload loaded once (source, bytes), unpacked into every sandbox.
+        self._kept_upload: tuple[UploadSource, bytes] | None = None
+        self._upload_lock = threading.Lock()
+        #: How many times this worker loaded (packed or fetched) an upload.
+        self.upload_loads = 0
 
     # -- life ------------------------------------------------------------------------------
     @property
@@ -286,6 +325,7 @@ class WorkerCore:
             try:
                 self._pool = self._subtask_pool(spec)
                 sandbox = self._take_fresh()
+                self._check_hub(sandbox)
             except BaseException:
                 self.close()
                 raise
@@ -295,14 +335,38 @@ class WorkerCore:
         sandbox = self._create(spec)
         self._sandbox = sandbox
         try:
-            if self.plan.upload:
-                sandbox.upload(Path(self.plan.upload), ".")
+            self._upload(sandbox, self.plan)
             self._identity = dict(sandbox.ping())
             self._start_agent_host(sandbox)
+            self._check_hub(sandbox)
         except BaseException:
             self.close()
             raise
         return [PhaseEvent(Phase.PROVISION, self.worker_id, started, self._clock(), sandbox.id)]
+
+    def _check_hub(self, sandbox: Sandbox) -> None:
+        """With memory on: one ``health`` call from inside ``sandbox``, through the runner, as its
+        agents will call the hub; raises :class:`~rayflow.errors.HubUnreachableError` (naming this
+        node, the hub and the cause) when the hub does not answer."""
+        if not self.plan.memory or self._hub is None:
+            return
+        timeout_s = self._hub_check_timeout_s
+        spec_path = f"{SPEC_DIR}/{HUB_CHECK_SPEC}"
+        sandbox.write_file(spec_path, json.dumps(hub_check_spec(timeout_s)).encode())
+        launch = host_launcher_argv if self._agent_host else agent_launcher_argv
+        outcome = sandbox.exec(
+            launch(self._identity, "run", spec_path), env=self._check_env(), timeout_s=timeout_s + EXEC_GRACE_S
+        )
+        parsed = parse_runner_output(outcome.stdout)
+        cause = check_cause(parsed)
+        if cause is not None:
+            raise hub_unreachable(self._hub, cause, node_id=self.node_id, region=self.region,
+                                  worker_id=self.worker_id, dialled=dialled_address(parsed))
+
+    def _check_env(self) -> dict[str, str]:
+        """The check's token: the worker's, or a placeholder when it mints none (the check asks
+        whether the hub answers; a hub that refuses the token has answered)."""
+        return {TOKEN_ENV: self.token() or "no-token"}
 
     def adopt(self, plan: WorkerPlan, worker_id: str) -> list[PhaseEvent]:
         """Give this started (warm) worker to a job: take its plan and id, upload its repository.
@@ -343,8 +407,7 @@ class WorkerCore:
                 sandbox = self._take_fresh()
                 return [PhaseEvent(Phase.PROVISION, worker_id, started, self._clock(), sandbox.id)]
         assert sandbox is not None
-        if plan.upload:
-            sandbox.upload(Path(plan.upload), ".")
+        self._upload(sandbox, plan)
         self._agent_host = self._agent_host_answers(sandbox)
         if not self._agent_host:
             self._start_agent_host(sandbox)
@@ -401,10 +464,7 @@ class WorkerCore:
         with self._lock:
             plan, generation = self.plan, self._generation
         try:
-            if plan.upload:
-                if not Path(plan.upload).is_dir():
-                    raise ConfigError(f"the job's upload directory {plan.upload} does not exist")
-                sandbox.upload(Path(plan.upload), ".")
+            self._upload(sandbox, plan)
             self._check_open()
             identity = dict(sandbox.ping())
             self._check_open()
@@ -418,6 +478,32 @@ class WorkerCore:
             ) from exc
         with self._lock:
             self._prepared[sandbox.id] = _Prepared(generation, identity, agent_host)
+
+    # -- the job's upload --------------------------------------------------------------------
+    def _upload(self, sandbox: Sandbox, plan: WorkerPlan) -> None:
+        """Unpack ``plan``'s upload into ``sandbox``'s work directory (nothing when it has none)."""
+        source = upload_source(plan.upload)
+        if source is not None:
+            sandbox.upload_archive(self._upload_bytes(source, keep=plan.isolation == "subtask"), ".")
+
+    def _upload_bytes(self, source: UploadSource, *, keep: bool) -> bytes:
+        """The packed upload. A directory is packed anew each time (a sandbox gets it as it is
+        now); an archive or a fetch is loaded once and, with ``keep`` (subtask isolation: a fresh
+        sandbox per subtask), kept for every later sandbox of the same source, so a large
+        repository is fetched once per worker, never once per subtask."""
+        if source.live:
+            self.upload_loads += 1
+            return source.load()
+        with self._upload_lock:
+            kept = self._kept_upload
+            if kept is not None and kept[0] is source:
+                return kept[1]
+            self._kept_upload = None
+            self.upload_loads += 1
+            data = source.load()
+            if keep:
+                self._kept_upload = (source, data)
+            return data
 
     def _check_open(self) -> None:
         if self._closed:
@@ -494,6 +580,7 @@ class WorkerCore:
                 self._prepared.clear()
         elif sandbox is not None:
             sandbox.destroy()
+        self._kept_upload = None
 
     # -- tokens ----------------------------------------------------------------------------
     def token(self) -> str | None:
@@ -535,6 +622,8 @@ class WorkerCore:
         env = {"RAYFLOW_SUBTASK_ID": subtask.id, "RAYFLOW_JOB": self.plan.job_name, "RAYFLOW_WORKER": self.worker_id}
         if token is not None and self.plan.memory:
             env["RAYFLOW_HUB_TOKEN"] = token
+            if self._hub_connect_timeout_s is not None:
+                env[CONNECT_TIMEOUT_ENV] = str(self._hub_connect_timeout_s)
         started = self._clock()
         self._used = True
         try:
@@ -552,7 +641,7 @@ class WorkerCore:
                 self._release_current()
         result = result_from_run(
             subtask, outcome, started, ended,
-            worker_id=self.worker_id, node_id=self.node_id, sandbox_id=sandbox.id,
+            worker_id=self.worker_id, node_id=self.node_id, sandbox_id=sandbox.id, region=self.region,
         )
         events.append(PhaseEvent(Phase.EXECUTE, self.worker_id, started, ended, subtask.id, result.ok))
         if record and self._hub is not None and self._mint is not None:
@@ -585,7 +674,8 @@ class WorkerCore:
 
             assert self._hub is not None
             token = self.token()
-            self._hub_client = SyncHubClient.for_endpoint(self._hub, token=token or "")
+            options = {} if self._hub_connect_timeout_s is None else {"connect_timeout_s": self._hub_connect_timeout_s}
+            self._hub_client = SyncHubClient.for_endpoint(self._hub, token=token or "", **options)
         return self._hub_client
 
     def describe(self) -> dict[str, Any]:
@@ -596,10 +686,12 @@ class WorkerCore:
         return {
             "worker_id": self.worker_id,
             "node_id": self.node_id,
+            "region": self.region,
             "sandbox_id": sandbox.id if sandbox is not None else None,
             "closed": self._closed,
             "isolation": self.plan.isolation,
             "pool": dataclasses.asdict(pool.stats()) if pool is not None else None,
+            "upload_loads": self.upload_loads,
         }
 
 

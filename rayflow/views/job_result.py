@@ -4,6 +4,10 @@ A :class:`JobResult` reads its results either from a list (small jobs, a JSON ro
 straight from the run's :class:`~rayflow.swarm.results_log.ResultsLog`, so a 1000+ subtask job is
 never held in memory just to be shown. Every view is bounded: the table shows the first and last
 subtasks and the failures, never every row of a big job.
+
+Every view leads with the same lines as the report (:func:`~rayflow.wire.synthesis.health_lines`):
+where the work ran (workers, nodes, regions), how many workers were asked for and started, and how
+the agents' memory calls went; a degraded run's lines are red and marked, never left out.
 """
 
 from __future__ import annotations
@@ -23,12 +27,18 @@ from rayflow.errors import InvalidInputError
 from rayflow.swarm.results_log import ResultsLog
 from rayflow.views.timeline import Timeline
 from rayflow.wire.subtasks import Pattern, PhaseEvent, SubtaskResult
-from rayflow.wire.synthesis import synthesize_report
+from rayflow.wire.synthesis import MAX_LISTED_WORKERS, health_lines, natural_key, ran_on, synthesize_report
 
 __all__ = ["JobResult", "RowSelection", "select_rows", "synthesize_report"]
 
-COLUMNS = ("#", "id", "ok", "attempts", "memory hits", "dispatches", "worker", "node", "duration s")
+COLUMNS = (
+    "#", "id", "ok", "attempts", "memory hits", "memory errors", "dispatches", "worker", "node", "region",
+    "duration s",
+)
+WORKER_COLUMNS = ("worker", "node", "region", "subtasks", "ok", "failed")
 JSON_FORMAT = "rayflow.job_result/1"
+#: What marks a warning line in the views (the plain-text report writes ``WARNING:``).
+WARNING_SIGN = "⚠"
 
 
 @dataclass
@@ -46,10 +56,13 @@ class RowSelection:
     ok: int = 0
     attempts: int = 0
     memory_hits: int = 0
+    #: Subtasks with at least one failed memory call.
+    memory_errors: int = 0
     dispatches: int = 0
     duration_s: float = 0.0
     workers: set[str] = field(default_factory=set)
     nodes: set[str] = field(default_factory=set)
+    regions: set[str] = field(default_factory=set)
 
     @property
     def shown(self) -> int:
@@ -97,27 +110,38 @@ def _count(selection: RowSelection, result: SubtaskResult) -> None:
     selection.ok += result.ok
     selection.attempts += result.attempts
     selection.memory_hits += result.memory_hits
+    use = result.memory
+    selection.memory_errors += int(use is not None and use.errors > 0)
     selection.dispatches += result.dispatches
     selection.duration_s += result.duration_s
     if result.worker_id:
         selection.workers.add(result.worker_id)
     if result.node_id:
         selection.nodes.add(result.node_id)
+    if result.region:
+        selection.regions.add(result.region)
 
 
 def _cells(result: SubtaskResult) -> list[str]:
     code = str((result.error or {}).get("code", "failed"))
+    use = result.memory
     return [
         str(result.index),
         result.subtask_id,
         "yes" if result.ok else f"no: {code}",
         str(result.attempts),
         str(result.memory_hits),
+        "-" if use is None else str(use.errors),
         str(result.dispatches),
         result.worker_id or "-",
         result.node_id or "-",
+        result.region or "-",
         f"{result.duration_s:.2f}",
     ]
+
+
+#: Where the memory-errors cell is in a row (it turns red when not zero).
+_MEMORY_ERRORS_CELL = COLUMNS.index("memory errors")
 
 
 def _total_cells(selection: RowSelection) -> list[str]:
@@ -127,9 +151,11 @@ def _total_cells(selection: RowSelection) -> list[str]:
         f"{selection.ok}/{selection.total}",
         str(selection.attempts),
         str(selection.memory_hits),
+        f"{selection.memory_errors} subtasks",
         str(selection.dispatches),
         f"{len(selection.workers)} workers",
         f"{len(selection.nodes)} nodes",
+        f"{len(selection.regions)} regions",
         f"{selection.duration_s:.2f}",
     ]
 
@@ -221,7 +247,7 @@ class JobResult:
             caption=_caption(selection),
         )
         for column in COLUMNS:
-            table.add_column(column, justify="left" if column in ("id", "ok", "worker", "node") else "right")
+            table.add_column(column, justify="left" if column in ("id", "ok", "worker", "node", "region") else "right")
         gap = [Text("⋮", style="dim")] * len(COLUMNS)
         for result in selection.head:
             self._add_row(table, result)
@@ -241,10 +267,58 @@ class JobResult:
     def _add_row(table: Table, result: SubtaskResult) -> None:
         cells: list[RenderableType] = list(_cells(result))
         cells[2] = Text(str(cells[2]), style="green" if result.ok else "bold red")
+        if cells[_MEMORY_ERRORS_CELL] not in ("-", "0"):
+            cells[_MEMORY_ERRORS_CELL] = Text(str(cells[_MEMORY_ERRORS_CELL]), style="bold red")
         table.add_row(*cells)
 
+    def workers(self) -> list[dict[str, Any]]:
+        """Every worker that ran subtasks: ``worker``, ``node``, ``region``, ``subtasks``, ``ok``,
+        ``failed``, in worker order (from the summary: no result is read)."""
+        workers = ran_on(self.summary.get("workers"))
+        return [
+            {
+                "worker": worker_id,
+                "node": str(info.get("node") or "-"),
+                "region": str(info.get("region") or "-"),
+                "subtasks": int(info.get("subtasks", 0)),
+                "ok": int(info.get("ok", 0)),
+                "failed": int(info.get("failed", 0)),
+            }
+            for worker_id, info in sorted(workers.items(), key=lambda item: natural_key(item[0]))
+        ]
+
+    def workers_table(self, max_rows: int = MAX_LISTED_WORKERS) -> Table:
+        """Where the work ran: one row per worker (the first ``max_rows``) with its node and region."""
+        workers = self.workers()
+        hidden = len(workers) - max_rows
+        table = Table(
+            title=f"{self.job_id}: where the work ran",
+            caption=f"showing {max_rows} of {len(workers)} workers" if hidden > 0 else None,
+        )
+        for column in WORKER_COLUMNS:
+            table.add_column(column, justify="left" if column in ("worker", "node", "region") else "right")
+        for worker in workers[:max_rows]:
+            table.add_row(*(str(worker[column]) for column in WORKER_COLUMNS))
+        return table
+
+    def health(self) -> list[tuple[str, bool]]:
+        """The lines the report leads with, as ``(text, is_warning)``: workers, nodes and regions;
+        workers asked, started and failed to start (where and why); memory health."""
+        return health_lines(self.summary)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The health lines that say the run was degraded (empty for a clean run)."""
+        return [text for text, warning in self.health() if warning]
+
     def __rich__(self) -> RenderableType:
-        return Group(Text(self._headline(), style="bold"), self.table())
+        lines: list[RenderableType] = [Text(self._headline(), style="bold")]
+        for text, warning in self.health():
+            lines.append(Text(f"{WARNING_SIGN} {text}", style="bold red") if warning else Text(text))
+        parts: list[RenderableType] = [*lines, self.table()]
+        if self.workers():
+            parts.append(self.workers_table())
+        return Group(*parts)
 
     def _headline(self) -> str:
         s = self.summary
@@ -253,6 +327,12 @@ class JobResult:
             f"{s.get('attempts', 0)} attempts, {s.get('memory_hits', 0)} memory hits, "
             f"wall {float(s.get('wall_s', 0.0)):.2f} s"
         )
+
+    def headline(self) -> str:
+        """The headline and the health lines, as plain text (warnings marked)."""
+        lines = [self._headline()]
+        lines += [f"{WARNING_SIGN} {text}" if warning else text for text, warning in self.health()]
+        return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the headline, the summary's numbers, the bounded table and the report."""
@@ -275,17 +355,40 @@ class JobResult:
         caption = _caption(selection)
         caption_html = f"<caption>{html.escape(caption)}</caption>" if caption else ""
         report = f"<pre>{html.escape(self.report)}</pre>" if self.report else ""
+        health = "".join(
+            f"<p style='color:#b00020'><b>{WARNING_SIGN} {html.escape(text)}</b></p>" if warning
+            else f"<p>{html.escape(text)}</p>"
+            for text, warning in self.health()
+        )
         return (
-            f"<div><p><b>{html.escape(self._headline())}</b></p>"
+            f"<div><p><b>{html.escape(self._headline())}</b></p>{health}"
             f"<details><summary>summary</summary><table>{numbers}</table></details>"
             f"<table>{caption_html}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
-            f"<tfoot><tr>{totals}</tr></tfoot></table>{report}</div>"
+            f"<tfoot><tr>{totals}</tr></tfoot></table>{self._workers_html()}{report}</div>"
+        )
+
+    def _workers_html(self, max_rows: int = MAX_LISTED_WORKERS) -> str:
+        workers = self.workers()
+        if not workers:
+            return ""
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in WORKER_COLUMNS)
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(w[c]))}</td>" for c in WORKER_COLUMNS) + "</tr>"
+            for w in workers[:max_rows]
+        )
+        more = f" (showing {max_rows} of {len(workers)})" if len(workers) > max_rows else ""
+        return (
+            f"<details><summary>where the work ran: {len(workers)} workers{more}</summary>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></details>"
         )
 
     @staticmethod
     def _html_row(result: SubtaskResult) -> str:
         color = "" if result.ok else ' style="color:#b00020"'
-        return f"<tr{color}>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(result)) + "</tr>"
+        cells = [html.escape(c) for c in _cells(result)]
+        if cells[_MEMORY_ERRORS_CELL] not in ("-", "0"):
+            cells[_MEMORY_ERRORS_CELL] = f"<b style='color:#b00020'>{cells[_MEMORY_ERRORS_CELL]}</b>"
+        return f"<tr{color}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_json(self, indent: int | None = None) -> str:

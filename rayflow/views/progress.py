@@ -9,6 +9,11 @@ in every frontend and in a saved notebook.
 Why updates are cheap: a 1000-subtask run calls :meth:`RunProgress.subtask_done` 1000 times from
 the coordinator's hot path. Each call only bumps counters; the terminal bars redraw on rich's own
 timer, the notebook block at most every ``min_interval_s``, the log only when a threshold is crossed.
+
+Why warnings: a run that goes on degraded (workers that fail to start, agents whose memory calls
+fail) must say so while it runs, not only in its report. :meth:`RunProgress.observe` reads them
+from the coordinator's progress counters and each display shows them: a red line above the bars,
+a red block under the notebook's bars, a logged warning (even where the display is silent).
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from rayflow.errors import ConfigError
+from rayflow.wire.synthesis import start_causes
 
 Mode = Literal["auto", "terminal", "notebook", "log", "silent"]
 logger = logging.getLogger("rayflow.views.progress")
+_WARNING_SIGN = "⚠"
 
 
 @dataclass
@@ -53,20 +60,48 @@ class ProgressCounts:
         )
 
 
+def progress_warnings(stats: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(key, text)`` warnings in a coordinator's progress counters (:class:`~rayflow.swarm.dispatch_loop.RunStats`
+    as a dict; fields it lacks, from an older coordinator, warn of nothing): workers that failed to
+    start, where and why, and subtasks whose memory calls failed."""
+    warnings: list[tuple[str, str]] = []
+    failed = int(stats.get("launch_failures") or 0)
+    if failed:
+        asked, started = int(stats.get("workers_asked") or 0), int(stats.get("workers_ready") or 0)
+        of = f" ({started} of {asked} asked started)" if asked else ""
+        warnings.append(("start", f"{failed} worker start(s) failed{of}: {start_causes(stats)}"))
+    errors = int(stats.get("memory_errors") or 0)
+    if errors:
+        used, reached = int(stats.get("memory_used") or 0), int(stats.get("memory_reached") or 0)
+        last = str(stats.get("memory_last_error") or "")[:160]
+        text = f"memory errors in {errors} of {used} subtasks that used memory so far ({reached} reached the hub)"
+        warnings.append(("memory", f"{text}; last: {last}" if last else text))
+    return warnings
+
+
 class _Display(Protocol):
     def start(self, counts: ProgressCounts) -> None: ...
     def update(self, counts: ProgressCounts) -> None: ...
+    def warn(self, key: str, text: str, new: bool) -> None: ...
     def stop(self, counts: ProgressCounts) -> None: ...
 
 
 class SilentDisplay:
-    """Shows nothing: output that nobody watches stays clean."""
+    """Shows nothing: output that nobody watches stays clean. A warning is still logged (once per
+    kind), because a degraded run must never be silent."""
+
+    def __init__(self, log: logging.Logger = logger) -> None:
+        self.log = log
 
     def start(self, counts: ProgressCounts) -> None:
         return None
 
     def update(self, counts: ProgressCounts) -> None:
         return None
+
+    def warn(self, key: str, text: str, new: bool) -> None:
+        if new:
+            self.log.warning("%s", text)
 
     def stop(self, counts: ProgressCounts) -> None:
         return None
@@ -84,6 +119,7 @@ class LogDisplay:
         self._next_pct = every_pct
         self._workers_logged = False
         self._last_logged: ProgressCounts | None = None
+        self._warnings: dict[str, str] = {}
 
     def start(self, counts: ProgressCounts) -> None:
         self._emit(counts)
@@ -97,9 +133,18 @@ class LogDisplay:
             while self._next_pct <= counts.subtask_percent + 1e-9:
                 self._next_pct += self.every_pct
 
+    def warn(self, key: str, text: str, new: bool) -> None:
+        """The first warning of each kind is logged at once, the final one when the run stops."""
+        if new:
+            self.log.warning("%s: %s", self.title, text)
+        self._warnings[key] = text
+
     def stop(self, counts: ProgressCounts) -> None:
         if counts != self._last_logged:
             self._emit(counts)
+        for text in self._warnings.values():
+            self.log.warning("%s: %s", self.title, text)
+        self._warnings.clear()
 
     def _emit(self, counts: ProgressCounts) -> None:
         self.log.info("%s", counts.line(self.title))
@@ -124,6 +169,8 @@ class TerminalDisplay:
         self.title = title
         self._workers = self.progress.add_task("sandboxes", total=None, detail="", start=False)
         self._subtasks = self.progress.add_task("subtasks", total=None, detail="", start=False)
+        #: Warnings by kind; ``True`` once the latest text of that kind was printed.
+        self._warnings: dict[str, tuple[str, bool]] = {}
 
     def start(self, counts: ProgressCounts) -> None:
         self.progress.console.print(f"[bold]{self.title}[/]")
@@ -141,9 +188,23 @@ class TerminalDisplay:
             detail=f"[green]{counts.ok} ok[/] [red]{counts.failed} failed[/] {counts.retried} retried",
         )
 
+    def warn(self, key: str, text: str, new: bool) -> None:
+        """A red line above the bars for the first warning of each kind; the final one at the end."""
+        if new:
+            self._print_warning(text)
+        self._warnings[key] = (text, new)
+
+    def _print_warning(self, text: str) -> None:
+        from rich.text import Text
+
+        self.progress.console.print(Text(f"{_WARNING_SIGN} {text}", style="bold red"))
+
     def stop(self, counts: ProgressCounts) -> None:
         self.update(counts)
         self.progress.stop()
+        for text, printed in self._warnings.values():
+            if not printed:
+                self._print_warning(text)
 
 
 class _Block(Protocol):
@@ -168,11 +229,20 @@ class NotebookDisplay:
         self._last = -float("inf")
         #: How many times the block was redrawn (throttling keeps this small).
         self.redraws = 0
+        self._warnings: dict[str, str] = {}
+        self._counts: ProgressCounts | None = None
 
     def start(self, counts: ProgressCounts) -> None:
-        self._block = self._show(progress_html(counts, self.title))
+        self._counts = counts
+        self._block = self._show(progress_html(counts, self.title, list(self._warnings.values())))
         self._last = self.clock()
         self.redraws = 1
+
+    def warn(self, key: str, text: str, new: bool) -> None:
+        """Shown under the bars in red; a new kind of warning redraws at once."""
+        self._warnings[key] = text
+        if new and self._counts is not None:
+            self._redraw(self._counts, self.clock())
 
     def update(self, counts: ProgressCounts) -> None:
         now = self.clock()
@@ -183,14 +253,15 @@ class NotebookDisplay:
         self._redraw(counts, self.clock())
 
     def _redraw(self, counts: ProgressCounts, now: float) -> None:
+        self._counts = counts
         if self._block is not None:
-            self._block.update(progress_html(counts, self.title))
+            self._block.update(progress_html(counts, self.title, list(self._warnings.values())))
         self._last = now
         self.redraws += 1
 
 
-def progress_html(counts: ProgressCounts, title: str) -> str:
-    """The notebook block: a title, two <progress> bars and the ok/failed/retried counts."""
+def progress_html(counts: ProgressCounts, title: str, warnings: list[str] | None = None) -> str:
+    """The notebook block: a title, two <progress> bars, the ok/failed/retried counts and warnings."""
 
     def bar(name: str, value: int, total: int) -> str:
         return (
@@ -204,7 +275,11 @@ def progress_html(counts: ProgressCounts, title: str) -> str:
         f"{bar('sandboxes', counts.workers_ready, counts.total_workers)}"
         f"{bar('subtasks', counts.done, counts.total_subtasks)}</table>"
         f"<span style='color:#007a3d'>{counts.ok} ok</span> · "
-        f"<span style='color:#b00020'>{counts.failed} failed</span> · {counts.retried} retried</div>"
+        f"<span style='color:#b00020'>{counts.failed} failed</span> · {counts.retried} retried"
+        + "".join(
+            f"<div style='color:#b00020'><b>{_WARNING_SIGN} {html.escape(text)}</b></div>" for text in warnings or ()
+        )
+        + "</div>"
     )
 
 
@@ -233,6 +308,8 @@ class RunProgress:
         self.display: _Display = _make_display(self.mode, title, console, log_every_pct)
         self._lock = threading.Lock()
         self._running = False
+        #: The warnings shown, by kind (``"start"``, ``"memory"``), latest text.
+        self.warnings: dict[str, str] = {}
 
     def start(self) -> RunProgress:
         with self._lock:
@@ -262,6 +339,20 @@ class RunProgress:
         with self._lock:
             self.counts.retried += 1
             self._update()
+
+    def warn(self, key: str, text: str) -> None:
+        """Show a warning of kind ``key`` (one line per kind, replaced by later texts of that kind)."""
+        with self._lock:
+            if self.warnings.get(key) == text:
+                return
+            new = key not in self.warnings
+            self.warnings[key] = text
+            self.display.warn(key, text, new)
+
+    def observe(self, stats: Mapping[str, Any]) -> None:
+        """Show the warnings in a coordinator's progress counters (see :func:`progress_warnings`)."""
+        for key, text in progress_warnings(stats):
+            self.warn(key, text)
 
     def _update(self) -> None:
         if self._running:

@@ -1,5 +1,8 @@
 """Directory trees as tar archives in memory, for ``upload`` and ``download`` over the channel.
 
+An archive larger than one channel frame travels as several (:func:`split_archive` cuts it
+between members), each a tar archive of its own, unpacked one after the other.
+
 Why our own packing and unpacking rather than ``TarFile.add`` / ``extractall``: the archive comes
 from the other side of a trust boundary (a download comes out of a sandbox that may be hostile),
 so unpacking must never write outside the destination. Every member is checked before anything is
@@ -22,10 +25,13 @@ import stat
 import tarfile
 from pathlib import Path
 
-from rayflow.errors import InvalidInputError, NotFoundError
+from rayflow.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
 
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 _PERMISSION_BITS = 0o777
+#: What ends a tar archive: two zero blocks.
+_END_OF_ARCHIVE_BYTES = 2 * tarfile.BLOCKSIZE
+_END_OF_ARCHIVE = bytes(_END_OF_ARCHIVE_BYTES)
 
 
 def pack_tree(root: Path) -> bytes:
@@ -40,6 +46,45 @@ def pack_tree(root: Path) -> bytes:
                 path = os.path.join(directory, name)
                 _add(tar, path, os.path.relpath(path, root).replace(os.sep, "/"))
     return buffer.getvalue()
+
+
+def split_archive(data: bytes, max_part_bytes: int) -> list[bytes]:
+    """``data`` (a tar archive, as :func:`pack_tree` makes) as archives of at most ``max_part_bytes``.
+
+    Cut between members, each part ending with the end-of-archive blocks, so the parts unpacked in
+    order into the same directory give the tree ``data`` gives. An archive that fits is its own one
+    part. One member larger than a part is refused (:class:`PayloadTooLargeError` naming it), and
+    so is an archive led by a global header (which would apply to the first part only).
+    """
+    if len(data) <= max_part_bytes:
+        return [data]
+    spans: list[tuple[str, int]] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                spans.append((member.name, member.offset))
+            end = tar.offset
+    except tarfile.TarError as exc:
+        raise InvalidInputError(f"not a tar archive: {exc}") from None
+    if spans and spans[0][1] != 0:
+        raise InvalidInputError("an archive that starts with a global header cannot be split")
+    room = max_part_bytes - _END_OF_ARCHIVE_BYTES
+    parts: list[bytes] = []
+    start = 0
+    for position, (name, offset) in enumerate(spans):
+        member_end = spans[position + 1][1] if position + 1 < len(spans) else end
+        if member_end - offset > room:
+            raise PayloadTooLargeError(
+                f"{name[:200]!r} takes {member_end - offset} bytes packed, more than one part of "
+                f"{max_part_bytes} bytes holds",
+                member=name[:200], size=member_end - offset, limit=max_part_bytes,
+            )
+        if member_end - start > room:
+            parts.append(data[start:offset] + _END_OF_ARCHIVE)
+            start = offset
+    if end > start:
+        parts.append(data[start:end] + _END_OF_ARCHIVE)
+    return parts
 
 
 def _add(tar: tarfile.TarFile, path: str, arcname: str) -> None:

@@ -24,6 +24,8 @@ CA_ENV = "RAYFLOW_HUB_CA"
 SERVER_NAME_ENV = "RAYFLOW_HUB_SERVER_NAME"
 #: Not read here: the token a sandbox's calls carry.
 TOKEN_ENV = "RAYFLOW_HUB_TOKEN"
+#: Not read here, optional: seconds an agent's memory client waits for a connection to the hub.
+CONNECT_TIMEOUT_ENV = "RAYFLOW_HUB_CONNECT_TIMEOUT_S"
 #: The variables :meth:`HubEndpoint.from_env` cannot do without.
 REQUIRED_ENV = (HOST_ENV, PORT_ENV, CA_ENV)
 #: The name every hub certificate covers, whatever address a client dials.

@@ -11,6 +11,8 @@ rayflow's light modules but none of its dependencies; this module imports nothin
 
 from __future__ import annotations
 
+from typing import Any
+
 from rayflow.wire.subtasks import SubtaskResult
 
 
@@ -35,6 +37,15 @@ class ResultCounts:
         self.redispatched = 0
         #: Agent time summed over subtasks.
         self.busy_s = 0.0
+        #: Subtasks whose agent made memory calls; of them, those with a call that succeeded (they
+        #: reached the hub) and those with a call that failed (see :mod:`rayflow.wire.memory_use`).
+        self.memory_used = 0
+        self.memory_reached = 0
+        self.memory_failed = 0
+        #: Subtasks with memory errors, by the kind (error class) of their last one.
+        self.memory_error_kinds: dict[str, int] = {}
+        #: The first memory error seen, as written down, for a report to quote.
+        self.memory_error_example = ""
 
     @property
     def failed(self) -> int:
@@ -51,3 +62,23 @@ class ResultCounts:
         self.dispatches += sign * result.dispatches
         self.redispatched += sign * (result.dispatches > 1)
         self.busy_s += sign * result.duration_s
+        use = result.memory
+        if use is not None and use.used:
+            self.memory_used += sign
+            self.memory_reached += sign * use.reached
+            if use.errors:
+                self.memory_failed += sign
+                kind = use.error_kind or "error"
+                self.memory_error_kinds[kind] = self.memory_error_kinds.get(kind, 0) + sign
+                if sign > 0 and not self.memory_error_example:
+                    self.memory_error_example = use.last_error
+
+    def memory_summary(self) -> dict[str, Any]:
+        """The memory counters under the names a run's summary (and so a report) gives them."""
+        return {
+            "subtasks_using_memory": self.memory_used,
+            "subtasks_reaching_hub": self.memory_reached,
+            "subtasks_with_memory_errors": self.memory_failed,
+            "memory_error_kinds": {kind: n for kind, n in self.memory_error_kinds.items() if n > 0},
+            "memory_error_example": self.memory_error_example,
+        }

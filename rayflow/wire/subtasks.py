@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
+from rayflow.wire.memory_use import MemoryUse, memory_use_of
+
 
 class Pattern(str, Enum):
     """Where the coordinator's own agent steps run (the design's patterns A and B)."""
@@ -69,6 +71,8 @@ class SubtaskResult:
     worker_id: str = ""
     node_id: str = ""
     sandbox_id: str = ""
+    #: The region of the worker's node (``""`` when its node names none).
+    region: str = ""
     #: Wall-clock (epoch seconds) start and end of the run that produced this result.
     started_at: float = 0.0
     ended_at: float = 0.0
@@ -86,10 +90,18 @@ class SubtaskResult:
 
     @property
     def memory_hits(self) -> int:
-        """Memories the agent retrieved and used, when its value reports them; else 0."""
+        """Memories the agent used, when its value reports them (``memory_hits``); else the items
+        its searches returned (the runner's count, ``value["memory"]["hits"]``); else 0."""
         if isinstance(self.value, Mapping) and isinstance(self.value.get("memory_hits"), int):
             return int(self.value["memory_hits"])
-        return 0
+        use = self.memory
+        return use.hits if use is not None else 0
+
+    @property
+    def memory(self) -> MemoryUse | None:
+        """How the agent used memory (calls, errors, hits), when it used it at all (see
+        :mod:`rayflow.wire.memory_use`); ``None`` for an agent that never touched memory."""
+        return memory_use_of(self.value)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -70,6 +70,25 @@ def hub(ray_cluster, tmp_path_factory):
     ray.kill(replica, no_restart=True)
 
 
+def test_the_replica_listens_on_its_node_address_which_its_certificate_names(hub):
+    import ipaddress
+
+    import ray
+
+    from rayflow.rpc.tls import certificate_names
+
+    def node_ip_and_certificate(replica):
+        return ray.util.get_node_ip_address(), (replica._server.state_dir / "tls" / "server.pem").read_bytes()
+
+    endpoint = ray.get(hub.endpoint.remote())
+    node_ip, server_pem = ray.get(hub.__ray_call__.remote(node_ip_and_certificate), timeout=120)
+    # Not loopback on a cluster: workers and sandboxes of the region's other nodes reach it there.
+    assert endpoint.host == node_ip
+    assert node_ip in certificate_names(server_pem)[1]
+    loopback = ipaddress.ip_address(node_ip).is_loopback
+    assert endpoint.server_name == ("localhost" if loopback else node_ip)
+
+
 def test_a_client_in_another_process_stores_and_retrieves_with_a_token(hub):
     import ray
 

@@ -11,6 +11,7 @@ outlives the job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import shutil
@@ -25,10 +26,12 @@ from rayflow.errors import ConfigError, SandboxError
 from rayflow.sandbox.backend import Sandbox
 from rayflow.sandbox.process_backend import ProcessBackend
 from rayflow.sandbox.spec import MIB, Limits, SandboxSpec
+from rayflow.sandbox.wrapper import SandboxWrapper
 from rayflow.swarm.coordinator_core import CoordinatorCore, JobOutcome
 from rayflow.swarm.dispatch_loop import SwarmError, ThreadFleet
 from rayflow.swarm.job import AgentRef, Job, TaskList
 from rayflow.swarm.results_log import ResultsLog
+from rayflow.swarm.upload import UploadSource, pack_directory
 from rayflow.swarm.worker_core import WorkerCore, WorkerPlan
 from rayflow.wire.subtasks import Subtask, SubtaskResult
 
@@ -315,6 +318,69 @@ def test_a_warm_worker_of_one_isolation_is_not_adopted_by_a_job_of_the_other(rep
             warm.adopt(plan, "w-1")
     finally:
         warm.close()
+    assert backend.owned() == []
+
+
+# --- a packed upload --------------------------------------------------------------------------------
+class RecordingSandbox(SandboxWrapper):
+    """A backend's sandbox that notes every archive unpacked into it."""
+
+    def __init__(self, inner: Sandbox, unpacked: list[bytes]) -> None:
+        super().__init__(inner)
+        self._unpacked = unpacked
+
+    def upload_archive(self, data: bytes, remote_dir: str) -> None:
+        self._unpacked.append(data)
+        super().upload_archive(data, remote_dir)
+
+
+def test_a_subtask_worker_fetches_a_packed_upload_once_for_every_fresh_sandbox(repo, backend):
+    archive = pack_directory(repo)
+    fetches: list[int] = []
+
+    def fetch() -> bytes:
+        fetches.append(1)
+        return archive
+
+    job = dataclasses.replace(
+        probe_job(repo, isolation="subtask", backend="process", subtasks=3),
+        upload=UploadSource.from_fetch(fetch, size=len(archive)),
+    )
+    shutil.rmtree(repo)  # the worker has only the bytes, as one on another machine would
+    unpacked: list[bytes] = []
+    plan = WorkerPlan.for_job(job, None)
+    core = WorkerCore("w-1", plan, lambda spec: RecordingSandbox(backend.create(spec), unpacked))
+    try:
+        core.start()
+        results = [core.run(Subtask(f"s-{i}", i, task))[0] for i, task in enumerate(job.decomposition.tasks)]
+        wait_prepared(core)
+    finally:
+        core.close()
+    for result in results:
+        assert result.ok, (result.error, result.output_tail)
+        probe = json.loads(result.output_tail.split("PROBE ", 1)[1].splitlines()[0])
+        assert set(REPO_FILES) <= set(probe["repo"]) and probe["marks"] == [], probe
+    assert len({result.sandbox_id for result in results}) == 3
+    # Every sandbox (three used, one more prepared) got the very bytes fetched once.
+    assert len(fetches) == 1 and core.upload_loads == 1
+    assert len(unpacked) >= 4 and all(data is archive for data in unpacked)
+    assert backend.owned() == []
+
+
+def test_a_worker_isolation_worker_loads_its_upload_once_and_keeps_nothing(repo, backend):
+    data = pack_directory(repo)
+    job = dataclasses.replace(
+        probe_job(repo, isolation="worker", backend="process", subtasks=2),
+        upload=UploadSource.from_archive(data),
+    )
+    core = WorkerCore("w-1", WorkerPlan.for_job(job, None), backend.create)
+    try:
+        core.start()
+        results = [core.run(Subtask(f"s-{i}", i, task))[0] for i, task in enumerate(job.decomposition.tasks)]
+    finally:
+        core.close()
+    assert all(result.ok for result in results)
+    assert core.upload_loads == 1 and core._kept_upload is None
     assert backend.owned() == []
 
 

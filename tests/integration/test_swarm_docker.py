@@ -1,12 +1,14 @@
 """The done-when of the swarm: a two-node Ray cluster, real Docker sandboxes and a real hub.
 
-A job of the demo's fixing agent runs across both nodes; a worker actor killed mid-job and a
+A job of the demo's fixing agent runs across both nodes (its repository only in the object store,
+its coordinator on the node the driver is not on); a worker actor killed mid-job and a
 non-head node lost mid-job both still give every subtask exactly once, and no container is left
 behind once the job (and its garbage collection) has finished.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +36,9 @@ def cluster(ray_cluster_factory, docker_client):
 def swarm(cluster, tmp_path_factory):
     from rayflow.api import Swarm
 
-    return Swarm(hub_region="us-west", state_dir=tmp_path_factory.mktemp("swarm-docker"))
+    # The coordinator may run on any node; here it is kept on the head, the node no test takes away.
+    state = tmp_path_factory.mktemp("swarm-docker")
+    return Swarm(hub_region="us-west", state_dir=state, coordinator_region="us-west")
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +84,26 @@ def check_recovered(outcome: dict, job: Job, docker_client) -> None:
     assert rayflow_containers(docker_client, job) == []
 
 
-def test_a_fixing_job_runs_in_docker_sandboxes_on_both_nodes(swarm, cluster, codebase, docker_client):
-    job = fixing_job(codebase)
-    result = swarm.run(job, progress=False, timeout_s=600)
+def test_a_fixing_job_runs_in_docker_sandboxes_on_both_nodes(
+    swarm, cluster, codebase, docker_client, tmp_path
+):
+    """Nothing of the job lives on the workers' or the coordinator's disk: its repository is packed into
+    the object store and removed from the driver's before the job runs, and its coordinator runs on
+    the node the driver is not on, handing every result back through Ray. (``swarm`` started the hub.)"""
+    import ray
+
+    from rayflow.api import Swarm
+
+    repository = Path(shutil.copytree(codebase, tmp_path / "codebase"))
+    away = Swarm(hub_region="us-west", state_dir=tmp_path / "state", coordinator_region="eu-central")
+    try:
+        job = away.pack(fixing_job(repository))
+        shutil.rmtree(repository)
+        result = away.run(job, progress=False, timeout_s=600)
+        coordinator_node = ray.get(away._coordinator_actor().node_id.remote())
+    finally:
+        away.close()
+    assert coordinator_node == cluster.node_ids["eu-central"] != ray.get_runtime_context().get_node_id()
     rows = check_exactly_once(result, job)
     assert all(r.ok and r.value["passed"] for r in rows), [r.error for r in rows if not r.ok]
     assert {r.node_id for r in rows} == set(cluster.node_ids.values())

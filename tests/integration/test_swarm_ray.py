@@ -1,4 +1,5 @@
-"""The swarm on a real two-node Ray cluster: placement, exactly-once results, a worker killed mid-job.
+"""The swarm on a real two-node Ray cluster: placement, exactly-once results, a worker killed mid-job,
+a repository that only the object store holds, and a coordinator on the node the driver is not on.
 
 Sandboxes here come from the process backend so the Ray behaviour is tested on every machine;
 the same flows with Docker sandboxes and a node lost mid-job are in ``test_swarm_docker.py``.
@@ -6,10 +7,12 @@ the same flows with Docker sandboxes and a node lost mid-job are in ``test_swarm
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
 
+from rayflow.errors import ConfigError
 from rayflow.sandbox.process_backend import ProcessBackend
 from rayflow.sandbox.spec import Limits
 from rayflow.swarm.job import AgentRef, FileGlob, Job, TaskList
@@ -19,6 +22,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Real CPU work of a few hundred milliseconds, so a job lasts long enough to be interrupted.
 WORK = "python3 -c 'import json,sys; t=json.load(sys.stdin); print(sum(i*i for i in range(1500000)), t[\"n\"])'"
+
+#: Prints the file its task names, read in the sandbox's copy of the repository.
+CAT_PATH = "python3 -c 'import json,sys; print(open(json.load(sys.stdin)[\"path\"]).read())'"
+#: Prints its task's number.
+ECHO_N = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"n\"])'"
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +73,57 @@ def test_glob_decomposition_gives_one_subtask_per_matching_file(swarm, tmp_path)
     result = swarm.run(job, progress=False)
     rows = list(result.results())
     assert [r.output_tail.strip() for r in rows] == ["# a.py", "# b.py", "# pkg/c.py"]
+
+
+def test_a_repository_removed_from_the_driver_after_packing_still_reaches_every_subtask(swarm, tmp_path):
+    """As if the workers' nodes never had the driver's directory: the job is packed into the object
+    store, the directory is removed, and every subtask (each in a fresh sandbox) still reads it."""
+    repo = tmp_path / "repo"
+    for name in ("a.py", "pkg/b.py", "c.py", "notes.txt"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(f"# {name}\n")
+    job = Job(AgentRef.shell(CAT_PATH), FileGlob(str(repo), "**/*.py"), backend="process", workers=2,
+              limits=Limits(cpus=0.5), isolation="subtask")
+    packed = swarm.pack(job)
+    shutil.rmtree(repo)
+    rows = list(swarm.run(packed, progress=False).results())
+    assert [r.output_tail.strip() for r in rows] == ["# a.py", "# c.py", "# pkg/b.py"]
+    assert len({r.sandbox_id for r in rows}) == 3
+
+
+def test_a_repository_above_the_upload_limit_is_refused_before_anything_runs(swarm, tmp_path):
+    from rayflow.api import Swarm
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "blob.bin").write_bytes(b"x" * 4096)
+    small = Swarm(hub_region="us-west", state_dir=swarm.state_dir, max_upload_bytes=1024)
+    job = Job(AgentRef.shell("true"), TaskList([{}]), upload=str(repo), backend="process", workers=1)
+    with pytest.raises(ConfigError, match="4096 bytes"):
+        small.run(job, progress=False)
+    assert small._coordinator is None
+
+
+def test_a_coordinator_on_the_other_node_returns_every_result_to_the_driver(ray_cluster, tmp_path):
+    import ray
+
+    from rayflow.api import Swarm
+
+    away = Swarm(hub_region="us-west", state_dir=tmp_path / "state", coordinator_region="eu-central")
+    job = Job(AgentRef.shell(ECHO_N), TaskList([{"n": i} for i in range(6)]), backend="process", workers=2,
+              limits=Limits(cpus=0.5))
+    try:
+        result = away.run(job, progress=False)
+        coordinator_node = ray.get(away._coordinator_actor().node_id.remote())
+    finally:
+        away.close()  # the coordinator and its own copy of the log are gone: the driver reads its own
+    assert coordinator_node == ray_cluster.node_ids["eu-central"] != ray.get_runtime_context().get_node_id()
+    rows = list(result.results())
+    assert [r.index for r in rows] == list(range(6))
+    assert all(r.ok and r.output_tail.strip() == str(r.index) for r in rows)
+    assert result.summary["subtasks"] == 6 and result.summary["ok"] == 6
+    assert len(result.events) > 0 and "Passed       6" in result.report
+    assert (tmp_path / "state" / "jobs" / f"{job.name}.jsonl").is_file()
 
 
 def test_a_worker_killed_mid_job_still_gives_every_subtask_exactly_once(swarm, tmp_path):

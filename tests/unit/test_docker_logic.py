@@ -111,6 +111,51 @@ def test_restore_script_commits_each_table_once() -> None:
     assert script == "*filter\n-D A x\n-D C z\nCOMMIT\n*nat\n-D B y\nCOMMIT\n"
 
 
-def test_insert_line_quotes_arguments() -> None:
+def test_insert_line_quotes_arguments_as_iptables_restore_reads_them() -> None:
     rule = Rule("filter", "INPUT", ("-m", "comment", "--comment", "a b", "-j", "DROP"))
-    assert docker_network.insert_line(rule) == "-I INPUT 1 -m comment --comment 'a b' -j DROP"
+    assert docker_network.insert_line(rule) == '-I INPUT 1 -m comment --comment "a b" -j DROP'
+    quoted = Rule("filter", "INPUT", ("-m", "comment", "--comment", 'say "x" \\', "-j", "DROP"))
+    assert docker_network.insert_line(quoted).split(" --comment ")[1] == '"say \\"x\\" \\\\" -j DROP'
+
+
+def test_a_negation_stays_bare_for_iptables_restore() -> None:
+    rule = Rule("nat", "POSTROUTING", ("-s", "100.87.0.10/32", "!", "-o", "rfl1", "-j", "MASQUERADE"))
+    assert docker_network.insert_line(rule) == "-I POSTROUTING 1 -s 100.87.0.10/32 ! -o rfl1 -j MASQUERADE"
+
+
+def test_a_hub_at_a_node_address_is_reached_directly_from_the_bridge() -> None:
+    rules = docker_network.rules("dk-1", "rfdk1", "172.18.0.1", [Target("100.90.1.10", 4433, False)])
+    assert not any(r.table == "nat" for r in rules)  # no rewrite; the engine masquerades its bridges
+    for chain in ("INPUT", "DOCKER-USER"):
+        accepts = [
+            r for r in rules if r.chain == chain and r.args[-1] == "ACCEPT" and "100.90.1.10" in r.args
+        ]
+        assert {r.args[r.args.index("-p") + 1] for r in accepts} == {"tcp", "udp"}, chain
+        assert all("--dport" in r.args and "4433" in r.args for r in accepts)
+    assert any("RELATED,ESTABLISHED" in r.args for r in rules if r.chain == "DOCKER-USER")
+    assert docker_network.sandbox_address(Target("100.90.1.10", 4433, False), "172.18.0.1") == "100.90.1.10"
+
+
+def test_a_loopback_hub_keeps_its_rewrite_to_the_gateway() -> None:
+    target = Target("127.0.0.1", 4433, True)
+    assert docker_network.sandbox_address(target, "172.18.0.1") == "172.18.0.1"
+    rules = docker_network.rules("dk-1", "rfdk1", "172.18.0.1", [target])
+    assert not any(r.chain == "DOCKER-USER" and r.args[-1] == "ACCEPT" for r in rules)
+
+
+def test_a_loopback_hub_is_refused_when_the_engine_is_in_another_namespace() -> None:
+    from rayflow.errors import ConfigError
+
+    docker_network.check_targets([Target("127.0.0.1", 4433, True)], None)
+    docker_network.check_targets([Target("100.90.1.10", 4433, False)], "/proc/7/ns/net")
+    with pytest.raises(ConfigError, match="loopback"):
+        docker_network.check_targets([Target("127.0.0.1", 4433, True)], "/proc/7/ns/net")
+
+
+def test_rules_run_in_another_namespace_through_nsenter() -> None:
+    from rayflow.sandbox import netfilter
+
+    assert netfilter.in_netns(None, ["iptables-save"]) == ["iptables-save"]
+    assert netfilter.in_netns("/proc/7/ns/net", ["iptables-save"]) == [
+        "nsenter", "--net=/proc/7/ns/net", "iptables-save",
+    ]  # fmt: skip

@@ -135,7 +135,8 @@ def test_html_view_has_a_bounded_table_the_summary_and_the_report(tmp_path: Path
     job = logged_job(tmp_path)
     job.report = "the <report>"
     page = job._repr_html_()
-    assert page.count("<tr") < 80
+    # About 50 subtask rows, the summary's numbers and at most 20 workers: never a row per subtask.
+    assert page.count("<tr") < 130
     assert "memory_hits" in page
     assert "the &lt;report&gt;" in page
 
@@ -280,3 +281,140 @@ def test_notebook_markup_shows_both_bars_and_the_counts() -> None:
 def test_log_display_rejects_a_percentage_out_of_range() -> None:
     with pytest.raises(Exception, match="percentage"):
         LogDisplay("x", every_pct=0)
+
+
+# --- where the work ran and how healthy it was ------------------------------------------------
+NO_HANDSHAKE = "TransportError: no handshake with 10.0.0.9:4433 within 10.0 s"
+
+
+def placed_results(count: int, *, workers: int = 3, broken: set[int] = frozenset(), memory: bool = True) -> list[SubtaskResult]:
+    """Results on ``workers`` workers over two nodes in two regions; ``broken`` subtasks' memory calls failed."""
+    from rayflow.wire.memory_use import MemoryUse
+
+    results = []
+    for i in range(count):
+        use = MemoryUse(1, 0, 1, 0, NO_HANDSHAKE) if i in broken else MemoryUse(2, 2, 0, 3)
+        value = {"attempts": 1, "memory": use.to_dict()} if memory else {"attempts": 1}
+        worker = i % workers
+        results.append(SubtaskResult(f"job-{i}", i, True, value=value, worker_id=f"w{worker}",
+                                     node_id=f"node-{worker % 2}", region=("eu", "us")[worker % 2],
+                                     started_at=T0 + i, ended_at=T0 + i + 1))
+    return results
+
+
+def logged(tmp_path: Path, results: list[SubtaskResult], **meta: object) -> JobResult:
+    log = ResultsLog(tmp_path / "placed.jsonl")
+    log.set_meta(job_id="placed", pattern="A", **meta)
+    for result in results:
+        log.append(result)
+    return JobResult.from_log(log)
+
+
+COORDINATOR = {
+    "workers_asked": 4, "workers_ready": 3, "launch_failures": 2, "start_failure_codes": {"hub_unreachable": 2},
+    "start_failures": [
+        {"worker": "w3", "node": "node-9", "region": "ap", "code": "hub_unreachable",
+         "message": f"the hub at 10.0.0.9:4433 could not be reached from node node-9 (region ap): {NO_HANDSHAKE}"},
+        {"worker": "w4", "node": "node-9", "region": "ap", "code": "hub_unreachable", "message": "again"},
+    ],
+}
+
+
+def test_a_summary_counts_memory_health_regions_and_each_workers_place(tmp_path: Path) -> None:
+    summary = logged(tmp_path, placed_results(8, broken={1, 2})).summary
+    assert (summary["subtasks_using_memory"], summary["subtasks_reaching_hub"],
+            summary["subtasks_with_memory_errors"]) == (8, 6, 2)
+    assert summary["memory_error_kinds"] == {"TransportError": 2}
+    assert summary["memory_error_example"] == NO_HANDSHAKE
+    assert summary["memory_hits"] == 18  # the runner's search hits, for agents that report none
+    assert summary["regions"] == {"eu": 5, "us": 3}
+    assert summary["workers"]["w1"] == {"subtasks": 3, "ok": 3, "failed": 0, "node": "node-1", "region": "us"}
+
+
+def test_a_replaced_result_takes_its_memory_errors_out_again(tmp_path: Path) -> None:
+    log = ResultsLog(tmp_path / "r.jsonl")
+    first, again = placed_results(1, broken={0})[0], placed_results(1)[0]
+    log.append(first)
+    log.append(again)
+    summary = log.summary()
+    assert (summary["subtasks_with_memory_errors"], summary["subtasks_reaching_hub"]) == (0, 1)
+    assert summary["memory_error_kinds"] == {}
+
+
+def test_the_report_leads_with_where_the_work_ran_and_a_marked_memory_warning(tmp_path: Path) -> None:
+    job = logged(tmp_path, placed_results(8, broken={1, 2}), memory=True)
+    report = synthesize_report(job.summary, job.results())
+    head = report.split("\n\n")[1].splitlines()
+    assert head == [
+        "Workers: 3 on 2 node(s) in 2 region(s)",
+        "WARNING: Memory: 6 of 8 subtasks could reach the hub (2 with errors: TransportError x2); 18 hits",
+    ]
+    assert "Memory use   8 subtasks made memory calls: 6 reached the hub, 2 had errors" in report
+    assert "  w1  node node-1  region us  3 subtasks (3 passed)" in report
+    assert f"Memory errors in 2 subtasks of 8 that used memory: TransportError x2\n  e.g. {NO_HANDSHAKE}" in report
+    assert report.rstrip().endswith("All subtasks passed, but the run was degraded: see the warnings above.")
+
+
+def test_a_healthy_run_says_where_it_ran_and_that_memory_was_reached_without_a_warning(tmp_path: Path) -> None:
+    job = logged(tmp_path, placed_results(4))
+    report = synthesize_report(job.summary, job.results())
+    assert "Memory: 4 of 4 subtasks that used it reached the hub; 12 hits" in report
+    assert "WARNING" not in report and report.rstrip().endswith("All subtasks passed.")
+    assert job.warnings == []
+
+
+def test_the_report_says_how_many_workers_were_asked_started_and_where_and_why_others_failed(tmp_path: Path) -> None:
+    job = logged(tmp_path, placed_results(3, memory=False), coordinator=COORDINATOR)
+    report = synthesize_report(job.summary, job.results())
+    assert ("WARNING: Workers asked 4, started 3, failed to start 2 "
+            "(the hub could not be reached x2 (node node-9, region ap))") in report
+    assert "Failed worker starts (2): the hub could not be reached x2 (node node-9, region ap)" in report
+    assert "  w3 (node node-9, region ap): hub_unreachable: the hub at 10.0.0.9:4433 could not be reached" in report
+    assert "Memory:" not in report  # no agent used memory and the job did not say it was on
+
+
+def test_the_report_lists_a_bounded_number_of_workers() -> None:
+    report = synthesize_report({}, placed_results(30, workers=25))
+    assert "Workers: 25 on 2 node(s) in 2 region(s)" in report
+    assert report.count("  w") == 20 and "  ... and 5 more workers" in report
+    assert report.index("  w2  node") < report.index("  w10  node")  # natural order
+
+
+def test_a_job_result_leads_with_the_same_lines_warnings_in_red(tmp_path: Path) -> None:
+    job = logged(tmp_path, placed_results(8, broken={1, 2}), coordinator=COORDINATOR)
+    assert job.headline().splitlines()[1:] == [
+        "Workers: 3 on 2 node(s) in 2 region(s)",
+        "⚠ Workers asked 4, started 3, failed to start 2 (the hub could not be reached x2 (node node-9, region ap))",
+        "⚠ Memory: 6 of 8 subtasks could reach the hub (2 with errors: TransportError x2); 18 hits",
+    ]
+    assert len(job.warnings) == 2
+    text = rendered(job, width=200)
+    assert "⚠ Memory: 6 of 8 subtasks could reach the hub" in text
+    assert "where the work ran" in text and "node-1" in text and "us" in text
+    assert [w["worker"] for w in job.workers()] == ["w0", "w1", "w2"]
+    assert job.workers()[1] == {"worker": "w1", "node": "node-1", "region": "us", "subtasks": 3, "ok": 3, "failed": 0}
+
+
+def test_a_job_results_table_shows_memory_errors_and_regions(tmp_path: Path) -> None:
+    job = logged(tmp_path, placed_results(8, broken={1, 2}))
+    selection = select_rows(job.results())
+    assert (selection.memory_errors, selection.regions) == (2, {"eu", "us"})
+    text = rendered(job.table(), width=200)
+    assert "memory errors" in text and "region" in text and "2 subtasks" in text and "2 regions" in text
+
+
+def test_the_html_view_marks_warnings_and_lists_workers(tmp_path: Path) -> None:
+    job = logged(tmp_path, placed_results(8, broken={1}))
+    page = job._repr_html_()
+    assert "<p style='color:#b00020'><b>⚠ Memory: 7 of 8 subtasks could reach the hub" in page
+    assert "<p>Workers: 3 on 2 node(s) in 2 region(s)</p>" in page
+    assert "where the work ran: 3 workers" in page and "<td>node-1</td><td>us</td>" in page
+
+
+def test_json_round_trip_keeps_regions_memory_counts_and_the_warnings(tmp_path: Path) -> None:
+    job = logged(tmp_path, placed_results(5, broken={4}), coordinator=COORDINATOR)
+    again = JobResult.from_json(job.to_json())
+    assert list(again.results()) == list(job.results())
+    assert [r.region for r in again.results()] == ["eu", "us", "eu", "eu", "us"]
+    assert again.results().__next__().memory == job.results().__next__().memory
+    assert again.headline() == job.headline() and again.warnings == job.warnings

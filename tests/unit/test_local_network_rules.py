@@ -143,3 +143,90 @@ def test_a_networked_spec_without_a_namespace_is_refused() -> None:
     spec = SandboxSpec(owner="w", network=NetworkPolicy.allow_list(("127.0.0.1", 1)))
     with pytest.raises(ConfigError, match="only network mode 'none'"):
         _argv(spec)
+
+
+# --- a hub at its real address (a Ray node's), not on loopback ----------------------------------
+NODE_HUB = [Target("100.90.1.10", 4433, False)]
+
+
+def test_a_hub_at_a_node_address_is_allowed_directly_without_rewriting() -> None:
+    rules = local_network.rules(LINK, NODE_HUB)
+    assert not any(r.chain == "PREROUTING" or "DNAT" in r.args for r in rules)
+    for chain in ("INPUT", "FORWARD"):
+        accepts = [
+            r for r in rules if r.chain == chain and r.args[-1] == "ACCEPT" and "100.90.1.10" in r.args
+        ]
+        assert {r.args[r.args.index("-p") + 1] for r in accepts} == {"tcp", "udp"}, chain
+        assert all(r.args[r.args.index("--dport") + 1] == "4433" for r in accepts)
+        assert all(r.args[:2] == ("-i", LINK.host_if) for r in accepts)
+
+
+def test_a_hub_at_a_node_address_is_accepted_above_the_drops_and_nothing_else_is() -> None:
+    rules = local_network.rules(LINK, NODE_HUB)
+    for chain in ("INPUT", "FORWARD"):
+        mine = [r for r in rules if r.chain == chain and not r.ipv6]
+        # Inserted at position 1 in list order: the drops, listed first, end up below the accepts.
+        first_accept = next(i for i, r in enumerate(mine) if r.args[-1] == "ACCEPT")
+        assert all(r.args[-1] == "DROP" for r in mine[:first_accept])
+        assert all(r.args[-1] == "ACCEPT" for r in mine[first_accept:])
+        other = [r for r in mine if r.args[-1] == "ACCEPT" and "RELATED,ESTABLISHED" not in r.args]
+        assert all("100.90.1.10" in r.args for r in other)
+
+
+def test_a_hub_at_a_node_address_is_masqueraded_only_toward_the_outside() -> None:
+    masquerade = [r for r in local_network.rules(LINK, NODE_HUB) if r.table == "nat"]
+    assert len(masquerade) == 1 and masquerade[0].chain == "POSTROUTING"
+    args = masquerade[0].args
+    assert args[args.index("-s") + 1] == f"{LINK.sandbox_address}/32"
+    assert args[args.index("-o") - 1 : args.index("-o") + 2] == ("!", "-o", LINK.host_if)
+
+
+def test_the_sandbox_dials_a_node_hub_at_its_real_address() -> None:
+    policy = NetworkPolicy.hub_only("100.90.1.10", 4433)
+    assert local_network.hub_endpoint(policy, NODE_HUB, LINK) == ("100.90.1.10", 4433)
+    assert any("default" in argv for argv in local_network.setup_commands(LINK, remote=True))
+
+
+def test_a_loopback_hub_next_to_a_node_endpoint_keeps_its_rewrite() -> None:
+    rules = local_network.rules(LINK, LOOPBACK + NODE_HUB)
+    dnat = [r for r in rules if r.chain == "PREROUTING"]
+    assert dnat and all("127.0.0.1:4433" in r.args for r in dnat)
+    assert not any("100.90.1.10" in r.args for r in dnat)
+
+
+def test_the_host_end_forwards_only_when_an_endpoint_is_off_loopback() -> None:
+    assert ("ipv4", "forwarding", "1") in local_network.host_interface_options(LINK, NODE_HUB)
+    assert ("ipv4", "forwarding", "1") not in local_network.host_interface_options(LINK, LOOPBACK)
+
+
+def test_replies_come_in_on_the_routed_interfaces_and_local_addresses_need_none() -> None:
+    answers = [
+        [{"dst": "100.90.1.10", "gateway": "100.90.1.1", "dev": "eth0"}],
+        [{"type": "local", "dst": "100.90.1.11", "dev": "lo"}],
+        [{"dst": "100.90.2.10", "gateway": "100.90.1.1", "dev": "eth0"}],
+        [{"dst": "192.0.2.7", "dev": "wg0"}],
+    ]
+    assert local_network.reply_interfaces(answers) == ["eth0", "wg0"]
+
+
+def test_forwarding_is_switched_on_once_and_off_after_the_last_sandbox() -> None:
+    ledger, on = local_network.claim_forwarding({}, "rf-a", ["eth0"], {"eth0": False})
+    assert on == ["eth0"] and ledger == {"eth0": ["rf-a"]}
+    ledger, on = local_network.claim_forwarding(ledger, "rf-b", ["eth0"], {"eth0": True})
+    assert on == [] and ledger == {"eth0": ["rf-a", "rf-b"]}
+    alive = {"rf-a", "rf-b"}
+    ledger, off = local_network.release_forwarding(ledger, "rf-a", alive.__contains__)
+    assert off == [] and ledger == {"eth0": ["rf-b"]}
+    ledger, off = local_network.release_forwarding(ledger, "rf-b", alive.__contains__)
+    assert off == ["eth0"] and ledger == {}
+
+
+def test_forwarding_someone_else_switched_on_is_never_claimed_nor_switched_off() -> None:
+    ledger, on = local_network.claim_forwarding({}, "rf-a", ["eth0"], {"eth0": True})
+    assert (ledger, on) == ({}, [])
+    assert local_network.release_forwarding(ledger, "rf-a", lambda _: True) == ({}, [])
+
+
+def test_sandboxes_gone_without_a_destroy_do_not_hold_forwarding_on() -> None:
+    ledger = {"eth0": ["rf-crashed", "rf-a"]}
+    assert local_network.release_forwarding(ledger, "rf-a", lambda i: i != "rf-crashed") == ({}, ["eth0"])

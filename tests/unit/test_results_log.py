@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rayflow.errors import InvalidInputError
-from rayflow.swarm.results_log import ResultsLog, RunSummary
+from rayflow.swarm.results_log import LogChunk, ResultsLog, RunSummary, copy_log, read_log_chunk
 from rayflow.wire.subtasks import Phase, PhaseEvent, SubtaskResult
 from tests.swarm_records import T0, subtask_result
 
@@ -169,3 +169,42 @@ def test_run_summary_counts_a_replaced_result_out_again() -> None:
     data = summary.to_dict()
     assert (data["subtasks"], data["failed"], data["attempts"], data["memory_hits"]) == (1, 0, 1, 0)
     assert data["error_codes"] == {}
+
+
+def test_a_log_moves_in_bounded_chunks_of_whole_lines_and_reads_back_the_same(tmp_path: Path) -> None:
+    source = tmp_path / "coordinator" / "run.jsonl"
+    with ResultsLog(source) as log:
+        log.set_meta(job_id="run", pattern="A")
+        for result in shuffled_results(200):
+            log.append(result)
+        # One line longer than a chunk travels whole, alone.
+        log.append(SubtaskResult("long", 500, True, value={"text": "x" * 5000}))
+    sizes: list[int] = []
+
+    def read(offset: int) -> LogChunk:
+        chunk = LogChunk.from_dict(read_log_chunk(source, offset, 2048).to_dict())
+        assert chunk.data.endswith(b"\n") or chunk.data == b""
+        sizes.append(len(chunk.data))
+        return chunk
+
+    copied = copy_log(read, tmp_path / "driver" / "run.jsonl")
+    assert copied.read_bytes() == source.read_bytes()
+    assert len(sizes) > 10 and max(sizes) > 5000 and sorted(sizes)[-2] <= 2048
+    reread = ResultsLog(copied, readonly=True)
+    assert [r.index for r in reread] == [*range(200), 500]
+    assert reread.summary() == ResultsLog(source, readonly=True).summary()
+    assert not list((tmp_path / "driver").glob(".*.part"))
+
+
+def test_a_torn_last_line_is_never_sent(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    with ResultsLog(path) as log:
+        log.append(subtask_result(0))
+    whole = path.read_bytes()
+    with open(path, "ab") as handle:
+        handle.write(b'{"kind":"result","ind')
+    first = read_log_chunk(path, 0, 1 << 20)
+    assert (first.data, first.end) == (whole, True)
+    assert read_log_chunk(path, first.next_offset) == LogChunk(b"", first.next_offset, True)
+    copied = copy_log(lambda offset: read_log_chunk(path, offset), tmp_path / "copy.jsonl")
+    assert copied.read_bytes() == whole

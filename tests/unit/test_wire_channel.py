@@ -342,3 +342,33 @@ def test_a_symlink_already_in_the_destination_cannot_redirect_a_member(tmp_path:
 def test_bytes_that_are_not_a_tar_archive_are_invalid_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError):
         archive.unpack_tree(b"not a tar archive at all" * 40, tmp_path / "dest")
+
+
+def test_a_large_archive_splits_between_members_into_parts_unpacking_to_the_same_tree(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    for i in range(24):
+        (source / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (source / f"pkg{i % 3}" / f"f{i}.bin").write_bytes(bytes([i]) * (2000 + 300 * i))
+    (source / "link").symlink_to("pkg0")
+    (source / ("long-name-" * 20)).write_text("a name longer than a ustar header holds")
+    data = archive.pack_tree(source)
+    assert archive.split_archive(data, len(data)) == [data]
+    parts = archive.split_archive(data, 16 * 1024)
+    assert len(parts) > 3 and all(len(part) <= 16 * 1024 for part in parts)
+    dest = tmp_path / "dest"
+    for part in parts:
+        archive.unpack_tree(part, dest)
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*"))
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == files
+    for path in source.rglob("*.bin"):
+        assert (dest / path.relative_to(source)).read_bytes() == path.read_bytes()
+    assert os.readlink(dest / "link") == "pkg0"
+
+
+def test_a_member_larger_than_a_part_is_refused_by_name(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "small.txt").write_text("s")
+    (source / "huge.bin").write_bytes(b"h" * 20000)
+    with pytest.raises(PayloadTooLargeError, match="huge.bin"):
+        archive.split_archive(archive.pack_tree(source), 8192)
