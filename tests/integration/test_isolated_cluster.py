@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,6 +274,35 @@ def test_a_job_submitted_from_the_host_sees_nodes_that_share_neither_loopback_no
     assert probe["eu_ip"] == _node(cluster, "eu-central")["address"]
     assert probe["us"]["markers"] == []  # the eu node's /tmp is its own
     assert probe["us"]["reached_other_loopback"] is False
+
+
+def test_the_demo_submitted_from_the_host_runs_on_both_regions_and_learns(cluster: dict[str, Any]) -> None:
+    # The job's driver runs on the head node, whose /tmp is its own: its output goes to the
+    # repository checkout, which every node of this machine shares (as an NFS home would).
+    (REPO_ROOT / ".rayflow").mkdir(exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="demo-out-", dir=REPO_ROOT / ".rayflow"))
+    token = cluster["state_dir"] / "ray-auth-token"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    submit = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster["status"]["dashboard_url"],
+         "--", "python", "-m", "rayflow.jobs.demo", "--modules", "6", "--workers", "2",
+         "--out", str(out)],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        check=False,
+    )
+    try:
+        output = submit.stdout + submit.stderr
+        assert submit.returncode == 0 and "succeeded" in output, output[-4000:]
+        assert "Workers: 2 on 2 node(s) in 2 region(s)" in output
+        runs = json.loads((out / "summary.json").read_text())["runs"]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    assert sorted(runs) == ["memory-off", "run-1", "run-2"]
+    assert all(run["passed"] == run["subtasks"] == 6 for run in runs.values())
+    assert runs["run-2"]["memory_hits"] > 0 and runs["run-2"]["memory_errors"] == 0
 
 
 def test_packets_between_regions_take_the_links_round_trip_time(cluster: dict[str, Any]) -> None:
