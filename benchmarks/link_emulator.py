@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -50,46 +49,13 @@ NAME = "link_emulator"
 SUBNET = "100.95.0.0/16"
 PORT = 9977
 
-SERVER = textwrap.dedent(
-    """
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", int(sys.argv[1])))
-    print("ready", flush=True)
-    while True:
-        data, peer = s.recvfrom(2048)
-        s.sendto(data, peer)
-    """
-)
-#: Prints one round trip in seconds per line ("lost" when none came back within a second).
-CLIENT = textwrap.dedent(
-    """
-    import socket, sys, time
-    host, port, count, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(1.0)
-    payload = b"x" * 200
-    for i in range(count):
-        tag = b"%08d" % i
-        started = time.perf_counter()
-        s.sendto(tag + payload, (host, port))
-        try:
-            while s.recvfrom(2048)[0][:8] != tag:
-                pass
-            took = time.perf_counter() - started
-            print(took, flush=True)
-        except socket.timeout:
-            print("lost", flush=True)
-            took = 0.0
-        time.sleep(max(interval - took, 0.0))
-    """
-)
-
-
 def measure(fabric: netns_fabric.Fabric, count: int, interval_s: float) -> list[float]:
     us, eu = fabric.nodes
     out = subprocess.run(
-        netns_fabric.run_in_node(us, [sys.executable, "-c", CLIENT, eu.address, str(PORT), str(count), str(interval_s)]),
+        netns_fabric.run_in_node(
+            us, [sys.executable, "-m", "clusters.udp_probe", "ping", eu.address, str(PORT), str(count), str(interval_s)]
+        ),
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=count * (interval_s + 1.5) + 30,
@@ -146,7 +112,8 @@ def main() -> int:
                 raise RuntimeError("the link emulator did not start")
             time.sleep(0.05)
         server = subprocess.Popen(
-            netns_fabric.run_in_node(fabric.nodes[1], [sys.executable, "-c", SERVER, str(PORT)]),
+            netns_fabric.run_in_node(fabric.nodes[1], [sys.executable, "-m", "clusters.udp_probe", "serve", str(PORT)]),
+            cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             text=True,
         )
