@@ -364,8 +364,8 @@ class WorkerCore:
                                   worker_id=self.worker_id, dialled=dialled_address(parsed))
 
     def _check_env(self) -> dict[str, str]:
-        """The check's token: the worker's, or a placeholder when it mints none (the check asks
-        whether the hub answers; a hub that refuses the token has answered)."""
+        """The check's token: the worker's, or the literal ``no-token`` when it mints none (the check
+        asks whether the hub answers; a hub that refuses the token has answered)."""
         return {TOKEN_ENV: self.token() or "no-token"}
 
     def adopt(self, plan: WorkerPlan, worker_id: str) -> list[PhaseEvent]:
