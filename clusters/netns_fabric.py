@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 from clusters.cluster_config import DEFAULT_SUBNET
 from rayflow.errors import ConfigError, RayflowError
+from rayflow.sandbox.local_network import taken_networks
 
 #: Third octet of the host link (a /30 at ``N.255.0``).
 HOST_LINK_OCTET = 255
@@ -267,21 +268,9 @@ def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProc
 def check_subnet_is_free(subnet: str) -> None:
     """Refuse a subnet that overlaps an address or route this machine already has."""
     wanted = ipaddress.IPv4Network(subnet)
-    proc = _run(["ip", "-j", "-4", "route", "show", "table", "all"], check=False)
-    addrs = _run(["ip", "-j", "-4", "addr", "show"], check=False)
-    taken: list[ipaddress.IPv4Network] = []
-    for route in json.loads(proc.stdout or "[]"):
-        dst = str(route.get("dst", ""))
-        if not dst or dst == "default":
-            continue
-        try:
-            taken.append(ipaddress.IPv4Network(dst, strict=False))
-        except ValueError:
-            continue
-    for link in json.loads(addrs.stdout or "[]"):
-        for info in link.get("addr_info", []):
-            taken.append(ipaddress.IPv4Network(f"{info['local']}/{info.get('prefixlen', 32)}", strict=False))
-    for network in taken:
+    routes = _run(["ip", "-j", "-4", "route", "show", "table", "all"], check=False).stdout
+    addrs = _run(["ip", "-j", "-4", "addr", "show"], check=False).stdout
+    for network in taken_networks(json.loads(routes or "[]"), json.loads(addrs or "[]")):
         if network.prefixlen > 0 and network.overlaps(wanted) and not network.is_loopback:
             raise ConfigError(
                 f"the cluster subnet {subnet} overlaps {network}, already used on this machine; "
