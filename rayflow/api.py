@@ -71,7 +71,12 @@ def _region_is_a_resource(region: str) -> bool:
 
 
 class Swarm:
-    """Runs jobs on the connected Ray cluster with a ReasoningBank hub in ``hub_region``."""
+    """Runs jobs on the connected Ray cluster with a ReasoningBank hub in ``hub_region``.
+
+    The hub is found by name, or started (detached) when the region has none: it belongs to the
+    cluster, not to the driver that started it, and serves every later job until the cluster
+    stops or someone stops it (``ray.kill(actors.hub_replica.get_hub_replica(region))``).
+    """
 
     def __init__(
         self,
@@ -116,7 +121,10 @@ class Swarm:
         hub_dir = self.state_dir / "hubs" / self.hub_region
         hub_dir.mkdir(parents=True, exist_ok=True)
         pinned = _region_is_a_resource(self.hub_region)
-        actor = start_hub_replica(self.hub_region, str(hub_dir), pinned=pinned)
+        # Detached: the hub is the cluster's service, not this driver's. A non-detached actor dies
+        # when its creator's handles go out of scope, under whichever later driver is using it
+        # (found by name); the next `ray job submit` meets the same hub and its lessons.
+        actor = start_hub_replica(self.hub_region, str(hub_dir), pinned=pinned, detached=True)
         import ray
 
         ray.get(actor.endpoint.remote())

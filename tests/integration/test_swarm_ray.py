@@ -104,6 +104,35 @@ def test_a_repository_above_the_upload_limit_is_refused_before_anything_runs(swa
     assert small._coordinator is None
 
 
+def test_the_hub_a_driver_started_outlives_that_driver_for_the_next_one(ray_cluster, tmp_path):
+    """A hub is the cluster's service: the driver that happened to start it may exit (a finished
+    `ray job submit`, a notebook closed) while later drivers keep using it by name."""
+    import subprocess
+    import sys
+
+    import ray
+    from ray._private.state import actors as actor_table  # the state API needs a dashboard
+
+    from actors.hub_replica import get_hub_replica
+
+    region = "driver-started"
+    first_driver = (
+        "import sys\n"
+        "from rayflow.api import Swarm, init\n"
+        "init(sys.argv[1], log_to_driver=False)\n"
+        "Swarm(hub_region=sys.argv[2], state_dir=sys.argv[3])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", first_driver, ray_cluster.address, region, str(tmp_path / "state")],
+        check=True, timeout=180, capture_output=True,
+    )
+    hub = get_hub_replica(region)
+    endpoint = ray.get(hub.endpoint.remote(), timeout=120)
+    assert actor_table(hub._actor_id.hex())["IsDetached"]
+    assert endpoint.region == region and endpoint.port > 0
+    ray.kill(hub, no_restart=True)
+
+
 def test_a_coordinator_on_the_other_node_returns_every_result_to_the_driver(ray_cluster, tmp_path):
     import ray
 
