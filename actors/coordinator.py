@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from actors.fleet import RayFleet, collect_garbage_on_nodes, ensure_image_on_nod
 from actors.hub_replica import get_hub_replica
 from actors.sandbox_worker import token_minter
 from rayflow.sandbox.image import DEFAULT_TAG
+from rayflow.sandbox.image_transfer import image_check_summary
 from rayflow.sandbox.select import probe_engine, select_backend
 from rayflow.swarm.coordinator_core import CoordinatorCore, HubSession, start_step_core
 from rayflow.swarm.dispatch_loop import RunStats
@@ -55,11 +58,30 @@ class Coordinator:
         self._stats = RunStats()
         #: Started sandboxes for the steps of the next pattern-B job, by profile (each used once).
         self._warm_steps: dict[tuple[Any, ...], WorkerCore] = {}
-        self._images_checked: set[tuple[str, frozenset[str]]] = set()
+        #: (image, alive node ids) -> the ``images`` summary entry of the check made for them.
+        self._images_checked: dict[tuple[str, frozenset[str]], dict[str, Any]] = {}
         #: Where results logs go unless a run names a directory: on this actor's own node.
         self._scratch: Path | None = None
         #: Job name -> its results log, for the driver to read back (``results``).
         self._logs: dict[str, Path] = {}
+        #: The backends of the coordinator's own sandboxes (pattern B), by name: one each, so
+        #: what they remove in the background is waited for in one place (:meth:`_flush_steps`).
+        self._step_backends: dict[str, Any] = {}
+        self._step_lock = threading.Lock()
+
+    def _step_backend(self, name: str) -> Any:
+        with self._step_lock:  # the actor runs up to four calls at once
+            if name not in self._step_backends:
+                self._step_backends[name] = select_backend(name, allow_unisolated=name == "process")
+            return self._step_backends[name]
+
+    def _flush_steps(self, timeout_s: float = 60.0) -> None:
+        """Wait until destroyed step sandboxes are gone from their engine (Docker removes them in
+        the background): when a job's run returns, none of its containers is left."""
+        for backend in self._step_backends.values():
+            flush = getattr(backend, "flush", None)
+            if callable(flush):
+                flush(timeout_s)
 
     @staticmethod
     def _step_key(job: Job, hub: HubSession | None) -> tuple[Any, ...]:
@@ -72,15 +94,15 @@ class Coordinator:
         key = self._step_key(job, hub)
         if key in self._warm_steps:
             return
-        create = select_backend(job.backend, allow_unisolated=job.backend == "process").create
         plan = WorkerPlan.for_job(job, hub.endpoint if hub is not None else None)
-        self._warm_steps[key], _ = start_step_core(plan, create, hub)
+        self._warm_steps[key], _ = start_step_core(plan, self._step_backend(job.backend).create, hub)
 
     def close(self) -> None:
         """Destroy sandboxes started for jobs that never came; remove the results logs kept here."""
         for core in self._warm_steps.values():
             core.close()
         self._warm_steps.clear()
+        self._flush_steps()
         self._logs.clear()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
@@ -128,17 +150,7 @@ class Coordinator:
         The results log goes to ``results_dir`` on this node, by default a scratch directory of this
         actor's; ``results`` reads it back from anywhere."""
         self._stats = RunStats()
-        nodes = frozenset(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
-        if (
-            job.backend in ("docker", "auto")
-            and job.image == DEFAULT_TAG
-            and (job.image, nodes) not in self._images_checked
-            and docker_engine_answers()
-        ):
-            # rayflow's own image is built offline where missing or stale (cached by content hash);
-            # checked once per set of nodes, not before every job.
-            ensure_image_on_nodes(job.image)
-            self._images_checked.add((job.image, nodes))
+        images = self._check_images(job)
         hub = hub_session(hub_region, job.tenant) if hub_region is not None else None
         cpus = job.limits.cpus or 1.0
 
@@ -157,7 +169,7 @@ class Coordinator:
         step_sandboxes = None
         step_core = None
         if job.pattern is Pattern.FULL_SANDBOX:
-            step_sandboxes = select_backend(job.backend, allow_unisolated=job.backend == "process").create
+            step_sandboxes = self._step_backend(job.backend).create
             step_core = self._warm_steps.pop(self._step_key(job, hub), None)
         self._runner = CoordinatorCore(
             job,
@@ -168,12 +180,41 @@ class Coordinator:
             step_core=step_core,
             collect_garbage=lambda: collect_garbage_on_nodes([job.backend]),
             on_progress=self._remember,
+            image_check=images,
         )
         self._logs[job.name] = Path(self._runner.results_path)
-        outcome = self._runner.run()
+        try:
+            outcome = self._runner.run()
+        finally:
+            self._flush_steps()
         self._stats = outcome.stats
         data = dataclasses.asdict(outcome)
         return data
+
+    def _check_images(self, job: Job) -> dict[str, Any] | None:
+        """Make rayflow's own image current on every alive node, once per (image, set of nodes).
+
+        The image is built offline where no engine has it, else moved between engines through the
+        object store (:func:`actors.fleet.ensure_image_on_nodes`). Returns the ``images`` entry of the
+        run's summary: what this check did per node, or, when an earlier job already checked the same
+        image on the same nodes, that check's entry marked ``earlier`` (``None``: no check applies,
+        e.g. another backend or image, or no Docker engine here).
+        """
+        if job.backend not in ("docker", "auto") or job.image != DEFAULT_TAG:
+            return None
+        nodes = frozenset(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
+        earlier = self._images_checked.get((job.image, nodes))
+        if earlier is not None:
+            return {**earlier, "earlier": True}
+        if not docker_engine_answers():
+            return None
+        checked_at, started = time.time(), time.monotonic()
+        records = ensure_image_on_nodes(job.image)
+        summary = image_check_summary(
+            job.image, records, checked_at=checked_at, seconds=time.monotonic() - started
+        )
+        self._images_checked[(job.image, nodes)] = summary
+        return summary
 
     def _remember(self, stats: RunStats) -> None:
         self._stats = dataclasses.replace(stats, errors=list(stats.errors[-5:]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,8 +20,16 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.hub_replica import RAY_NAMESPACE
-from actors.placement import pin_to_region
+from actors.placement import pin_to_region, region_of
 from actors.sandbox_worker import SandboxWorker
+from rayflow.errors import DeadlineExceededError, RayflowError, error_from_code
+from rayflow.sandbox.image_transfer import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    EngineImage,
+    ImageProbe,
+    NodeImageRecord,
+    plan_image_transfers,
+)
 from rayflow.swarm.worker_core import WorkerPlan
 from rayflow.wire.hub_endpoint import HubEndpoint
 from rayflow.wire.subtasks import PhaseEvent, Subtask, SubtaskResult
@@ -162,22 +171,142 @@ def _collect_garbage(backends: list[str]) -> list[str]:
 
 
 @ray.remote(num_cpus=0)
-def _ensure_image(image: str) -> str:
+def _probe_image(image: str) -> EngineImage:
+    from rayflow.sandbox.image_transfer import probe_engine_image
+
+    return probe_engine_image(image)
+
+
+@ray.remote(num_cpus=0)
+def _build_image(image: str) -> float:
     from rayflow.sandbox.image import build_sandbox_image
 
-    return build_sandbox_image(image).id
+    started = time.monotonic()
+    build_sandbox_image(image)
+    return time.monotonic() - started
 
 
-def ensure_image_on_nodes(image: str, timeout_s: float = 900.0) -> None:
-    """Make sure every alive node's engine has the current sandbox image (built offline if not).
+@ray.remote(num_cpus=0, num_returns=2)
+def _export_image(image: str, max_bytes: int) -> tuple[dict[str, Any], bytes]:
+    """The archive and what describes it, as two objects: the caller fetches only the small one,
+    and owns both (an object ``ray.put`` inside a task would die with the task's worker process)."""
+    from rayflow.sandbox.image_transfer import export_image
 
-    One node after the other: nodes sharing an engine then find it current and build nothing, and
-    no engine runs two builds of the same image at once.
+    started = time.monotonic()
+    exported = export_image(image, max_bytes=max_bytes)
+    meta = {"image_hash": exported.image_hash, "size": exported.size, "seconds": time.monotonic() - started}
+    return meta, exported.data
+
+
+@ray.remote(num_cpus=0)
+def _load_image(image: str, image_hash: str, data: bytes) -> float:
+    from rayflow.sandbox.image_transfer import load_image
+
+    started = time.monotonic()
+    load_image(data, tag=image, image_hash=image_hash)
+    return time.monotonic() - started
+
+
+def _on_node(task: Any, node_id: str) -> Any:
+    return task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+
+
+def _wait(ref: Any, node_id: str, what: str, deadline: float, timeout_s: float) -> Any:
+    """``ray.get(ref)`` by ``deadline``; a failure becomes a typed error naming the node and the step."""
+    try:
+        return ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+    except ray.exceptions.GetTimeoutError:
+        try:
+            ray.cancel(ref)
+        except Exception:  # noqa: BLE001 - a task that just ended has nothing to cancel
+            log.debug("cancelling %s on node %s failed", what, node_id, exc_info=True)
+        raise DeadlineExceededError(
+            f"{what} on node {node_id} did not finish within {timeout_s:g} s", node=node_id, timeout_s=timeout_s
+        ) from None
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, RayflowError):
+            raise error_from_code(
+                cause.code, f"{what} on node {node_id} failed: {cause.message}", **{**cause.details, "node": node_id}
+            ) from cause
+        raise RayflowError(
+            f"{what} on node {node_id} failed: {type(cause).__name__}: {cause}", node=node_id
+        ) from cause
+    except ray.exceptions.RayError as exc:
+        raise RayflowError(f"{what} on node {node_id} failed: {exc}", node=node_id) from exc
+
+
+def _discard(ref: Any) -> None:
+    """Take the error of a result nobody will use, so Ray does not log it as unhandled."""
+    try:
+        ray.get(ref, timeout=0)
+    except Exception:  # noqa: BLE001 - the error was reported through the call's other result
+        log.debug("unused result of a failed call dropped", exc_info=True)
+
+
+def ensure_image_on_nodes(
+    image: str, timeout_s: float = 900.0, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> list[NodeImageRecord]:
+    """Make sure every alive node's engine holds the current sandbox image; say what it took per node.
+
+    Every node is probed at once (which engine it uses, whether that engine holds the image
+    current). Then, per engine rather than per node (nodes may share one): when some engine holds
+    the image, it is exported once (at most ``max_bytes``) into Ray's object store and loaded on
+    one node of each engine lacking it, in parallel; when none does, it is built on one node (offline,
+    ``debootstrap``) and then moved the same way. No engine ever runs two builds of the image. Each
+    node's step must end within ``timeout_s``; a failure raises a typed
+    :class:`~rayflow.errors.RayflowError` naming the node and the step.
     """
-    for node in ray.nodes():
-        if node.get("Alive"):
-            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            ray.get(_ensure_image.options(scheduling_strategy=strategy).remote(image), timeout=timeout_s)
+    nodes = {node["NodeID"]: node for node in ray.nodes() if node.get("Alive")}
+    deadline = time.monotonic() + timeout_s
+    refs = {node_id: _on_node(_probe_image, node_id).remote(image) for node_id in nodes}
+    probes = []
+    for node_id, ref in refs.items():
+        found: EngineImage = _wait(ref, node_id, f"probing the sandbox image {image}", deadline, timeout_s)
+        node = nodes[node_id]
+        region = region_of(node.get("Labels"), node.get("Resources"))
+        probes.append(ImageProbe(node_id, region, found.engine_id, found.present, found.current, found.seconds))
+    plan = plan_image_transfers(probes)
+    spent = {probe.node_id: probe.seconds for probe in probes}
+    moved: dict[str, int] = {}
+    if plan.build_on is not None:
+        ref = _on_node(_build_image, plan.build_on).remote(image)
+        what = f"building the sandbox image {image}"
+        spent[plan.build_on] += _wait(ref, plan.build_on, what, time.monotonic() + timeout_s, timeout_s)
+    if plan.export_from is not None:
+        source = plan.export_from
+        meta_ref, data_ref = _on_node(_export_image, source).remote(image, max_bytes)
+        try:
+            meta = _wait(meta_ref, source, f"exporting the sandbox image {image}", time.monotonic() + timeout_s,
+                         timeout_s)
+        except RayflowError:
+            _discard(data_ref)
+            raise
+        spent[source] += float(meta["seconds"])
+        moved[source] = int(meta["size"])
+        deadline = time.monotonic() + timeout_s
+        loads = {
+            node_id: _on_node(_load_image, node_id).remote(image, meta["image_hash"], data_ref)
+            for node_id in plan.load_on
+        }
+        for node_id, ref in loads.items():
+            what = f"loading the sandbox image {image} (exported on node {source})"
+            spent[node_id] += _wait(ref, node_id, what, deadline, timeout_s)
+            moved[node_id] = int(meta["size"])
+    records = [
+        NodeImageRecord(
+            probe.node_id,
+            probe.region,
+            probe.engine_id,
+            plan.actions[probe.node_id],
+            round(spent[probe.node_id], 3),
+            moved.get(probe.node_id, 0),
+        )
+        for probe in probes
+    ]
+    for record in records:
+        log.info("sandbox image %s on node %s: %s in %.1f s", image, record.node_id, record.action, record.seconds)
+    return records
 
 
 def collect_garbage_on_nodes(backends: list[str], timeout_s: float = 120.0) -> list[str]:

@@ -11,6 +11,7 @@ Usage (from the repository root)::
     .venv/bin/python -m clusters.local up     [--config clusters/local-regions.yaml] [--state-dir DIR]
     .venv/bin/python -m clusters.local status [--config ...] [--state-dir DIR]
     .venv/bin/python -m clusters.local down   [--config ...] [--state-dir DIR]
+    .venv/bin/python -m clusters.local kill-node eu-central-0 [--config ...] [--state-dir DIR]
 
 Each node carries the resource ``region:<name>`` (quantity 1) and the labels
 ``rayflow/region=<name>`` and ``rayflow/node=<name>-<index>``. Work is pinned to a region by
@@ -634,6 +635,30 @@ def down(state_dir: Path, grace_s: float = 30.0) -> int:
     return stopped
 
 
+def kill_node(state_dir: Path, label: str) -> NodeRecord:
+    """Kill the non-head node ``label`` (``<region>-<index>``) at once, as a machine that loses power.
+
+    Every Ray process of the node gets SIGKILL (nothing shuts down cleanly, nothing is drained), so
+    the rest of the cluster learns of the loss the way it would of a real one: by missed heartbeats.
+    The node stays dead (``status`` shows it) until ``down``, which still cleans up after it. The
+    head cannot be killed this way: the cluster would be gone, which ``down`` says better.
+    """
+    state = load_state(Path(state_dir))
+    if state is None:
+        raise ConfigError(f"no cluster is recorded in {state_dir}; run `up` first", state_dir=str(state_dir))
+    labels = [node.node_label for node in state.nodes]
+    node = next((n for n in state.nodes if n.node_label == label), None)
+    if node is None:
+        raise ConfigError(f"unknown node {label!r}; the cluster's nodes are {', '.join(labels)}", node=label)
+    if node.is_head:
+        raise ConfigError(f"node {label!r} is the head; stop the whole cluster with `down`", node=label)
+    if not _is_our_process(node.pid, state.temp_dir):
+        raise ConfigError(f"node {label!r} is not running", node=label)
+    kill_process_group(node.pid)
+    _reap(node.pid)
+    return node
+
+
 def _stop_nodes(state: ClusterState, grace_s: float = 30.0) -> int:
     # SIGTERM to `ray start --block` makes it shut its node down cleanly; whatever is left of a
     # node's process group after the grace period is killed, member by member.
@@ -805,9 +830,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clusters.local", description="A multi-region Ray cluster on this machine."
     )
-    parser.add_argument("command", choices=["up", "status", "down", "partition", "heal"])
+    parser.add_argument("command", choices=["up", "status", "down", "partition", "heal", "kill-node"])
     parser.add_argument(
-        "regions", nargs="*", help="partition/heal: the two regions whose link is cut or healed"
+        "regions",
+        nargs="*",
+        help="partition/heal: the two regions whose link is cut or healed; kill-node: the node (us-west-0)",
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="cluster config (YAML)")
     parser.add_argument("--state-dir", type=Path, default=None, help="where state and node logs go")
@@ -816,7 +843,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("partition", "heal") and len(args.regions) != 2:
         parser.error(f"{args.command} takes two regions, e.g. `{args.command} us-west eu-central`")
-    if args.command not in ("partition", "heal") and args.regions:
+    if args.command == "kill-node" and len(args.regions) != 1:
+        parser.error("kill-node takes one node label, e.g. `kill-node eu-central-0` (see `status`)")
+    if args.command not in ("partition", "heal", "kill-node") and args.regions:
         parser.error(f"{args.command} takes no regions")
 
     try:
@@ -846,6 +875,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{args.command}: {args.regions[0]} <-> {args.regions[1]}: {json.dumps(answer.get('link'))}"
             )
+            return 0
+        if args.command == "kill-node":
+            killed = kill_node(state_dir, args.regions[0])
+            print(f"killed node {killed.node_label} (pid {killed.pid}); it stays down until `down`")
             return 0
         stopped = down(state_dir)
         print(f"stopped {stopped} running node(s) of the cluster recorded in {state_dir}")

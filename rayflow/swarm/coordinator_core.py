@@ -18,7 +18,7 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ class CoordinatorCore:
         collect_garbage: Callable[[], list[str]] | None = None,
         on_progress: Callable[[RunStats], None] | None = None,
         clock: Callable[[], float] = time.time,
+        image_check: Mapping[str, Any] | None = None,
     ) -> None:
         if job.pattern is Pattern.FULL_SANDBOX and create_step_sandbox is None and step_core is None:
             raise InvalidInputError("pattern B needs a sandbox for the coordinator's own steps")
@@ -121,6 +122,9 @@ class CoordinatorCore:
         self._collect_garbage = collect_garbage
         self._on_progress = on_progress
         self._clock = clock
+        #: How the sandbox image was made present on the nodes before this job (plain data, see
+        #: :func:`rayflow.sandbox.image_transfer.image_check_summary`): the summary's ``images``.
+        self._image_check = dict(image_check) if image_check is not None else None
         self.results_path = Path(results_dir) / f"{job.name}.jsonl"
         self._client: Any = None
         #: The coordinator's own sandbox (pattern B); a started one may be handed in (warm), and it
@@ -134,6 +138,8 @@ class CoordinatorCore:
         log_file = ResultsLog(self.results_path)
         log_file.set_meta(job_id=job.name, pattern=job.pattern.value, backend=job.backend, workers=job.workers,
                           memory=job.memory, started_at=self._clock())
+        if self._image_check is not None:
+            log_file.set_meta(images=self._image_check)
         matts = MattsPlan.for_job(job)
         # The coordinator's own steps keep the job's agent; workers get the MaTTS one (sequential).
         plan = WorkerPlan.for_job(job, self._hub.endpoint if self._hub is not None else None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 from rayflow.wire.result_counts import ResultCounts
@@ -104,11 +105,14 @@ def health_lines(summary: Mapping[str, Any]) -> list[tuple[str, bool]]:
 
     ``summary`` is a run's summary (:class:`~rayflow.swarm.results_log.RunSummary`'s dict, with
     the coordinator's counters under ``coordinator`` once the run ended): its ``workers`` (each
-    with ``subtasks``, ``node``, ``region``), the memory counters of
-    :meth:`~rayflow.wire.result_counts.ResultCounts.memory_summary` and ``memory_hits``. Keys
+    with ``subtasks``, ``node``, ``region``), the sandbox image check under ``images``, the memory
+    counters of :meth:`~rayflow.wire.result_counts.ResultCounts.memory_summary` and ``memory_hits``. Keys
     missing from an older summary leave their line out. Lines, in order:
 
     * ``Workers: W on N node(s) in R region(s)``: the workers that ran subtasks;
+    * the sandbox image (its ``images`` entry, :func:`image_line`): what making it present on every
+      node took (current, built, loaded, shared, with times and bytes moved), or that an earlier
+      job's check covered the same nodes;
     * workers asked, started and failed to start (where and why): a warning when any failed;
     * subtasks given up unrun because no worker could start: a warning;
     * memory: how many subtasks that used memory reached the hub, the hits, and the errors by kind
@@ -118,6 +122,9 @@ def health_lines(summary: Mapping[str, Any]) -> list[tuple[str, bool]]:
     workers = ran_on(summary.get("workers"))
     if workers or int(summary.get("subtasks") or 0):
         lines.append((workers_line(workers), False))
+    image = image_line(summary.get("images"))
+    if image is not None:
+        lines.append((image, False))
     stats = summary.get("coordinator")
     abandoned = 0
     if isinstance(stats, Mapping):
@@ -145,6 +152,61 @@ def workers_line(workers: Mapping[str, Mapping[str, Any]]) -> str:
     nodes = {str(w.get("node") or "-") for w in workers.values()}
     regions = {str(w.get("region") or "-") for w in workers.values()}
     return f"Workers: {len(workers)} on {len(nodes)} node(s) in {len(regions)} region(s)"
+
+
+def image_line(check: Any) -> str | None:
+    """``Sandbox image T: ...``: how the image was made present on every node before the run.
+
+    ``check`` is a summary's ``images`` entry (:func:`rayflow.sandbox.image_transfer.image_check_summary`):
+    ``image``, ``seconds``, ``checked_at``, ``earlier`` and one record per node (``node_id``,
+    ``engine_id``, ``action``: current / built / loaded / shared, ``seconds``, ``bytes_moved``).
+    ``None`` when there is none (no check applied, or an older summary).
+    """
+    if not isinstance(check, Mapping) or not isinstance(check.get("nodes"), list):
+        return None
+    nodes = [node for node in check["nodes"] if isinstance(node, Mapping)]
+    parts = _image_parts(nodes) or ["no node checked"]
+    tag = str(check.get("image") or "?")
+    seconds = float(check.get("seconds") or 0.0)
+    if check.get("earlier"):
+        when = _utc(check.get("checked_at"))
+        return (f"Sandbox image {tag}: checked for an earlier job on the same nodes{when} "
+                f"({', '.join(parts)}, in {seconds:.1f} s)")
+    return f"Sandbox image {tag}: {', '.join(parts)}, checked in {seconds:.1f} s"
+
+
+def _image_parts(nodes: list[Mapping[str, Any]]) -> list[str]:
+    by_action: dict[str, list[Mapping[str, Any]]] = {}
+    for node in nodes:
+        by_action.setdefault(str(node.get("action") or "?"), []).append(node)
+    parts = []
+    for node in by_action.pop("built", []):
+        parts.append(f"built on node {_short(node.get('node_id'))} in {float(node.get('seconds') or 0.0):.1f} s")
+    current = by_action.pop("current", [])
+    if current:
+        engines = {str(n.get("engine_id") or n.get("node_id")) for n in current}
+        parts.append(f"current on {len(current)} node(s) ({_plural(len(engines), 'engine')})")
+    loaded = by_action.pop("loaded", [])
+    if loaded:
+        slowest = max(float(n.get("seconds") or 0.0) for n in loaded)
+        megabytes = sum(int(n.get("bytes_moved") or 0) for n in loaded) / 1e6
+        parts.append(f"loaded on {len(loaded)} node(s) in {slowest:.1f} s ({megabytes:.0f} MB)")
+    shared = by_action.pop("shared", [])
+    if shared:
+        parts.append(f"shared by {len(shared)} more node(s) on the same engine(s)")
+    parts.extend(f"{action} on {len(rest)} node(s)" for action, rest in sorted(by_action.items()))
+    return parts
+
+
+def _short(node_id: Any) -> str:
+    text = str(node_id or "-")
+    return text if len(text) <= 8 else text[:8]
+
+
+def _utc(epoch: Any) -> str:
+    if not isinstance(epoch, (int, float)) or epoch <= 0:
+        return ""
+    return " at " + datetime.fromtimestamp(float(epoch), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _starts_line(stats: Mapping[str, Any]) -> tuple[str, bool] | None:

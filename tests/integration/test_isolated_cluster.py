@@ -23,27 +23,15 @@ from typing import Any
 import pytest
 
 from clusters import netns_fabric
+from tests.isolated_support import REPO_ROOT, isolated_cluster, launcher, node_of, submit
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="an isolated cluster needs root (namespaces, TUN devices)"),
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 NAME = "rayflow-apart-test"
 SUBNET = "100.93.0.0/16"
-CONFIG = f"""
-name: {NAME}
-isolation: netns
-subnet: {SUBNET}
-head_port: 6390
-object_store_mb: 100
-regions:
-  - {{name: us-west, nodes: 1, cpus: 1}}
-  - {{name: eu-central, nodes: 1, cpus: 1}}
-links:
-  - {{between: [us-west, eu-central], rtt_ms: 40, loss: 0.0}}
-"""
 
 #: A Ray job: a task on each region reports its node's address, and what it sees of /tmp and of
 #: the other node's loopback.
@@ -91,63 +79,9 @@ PROBE_JOB = textwrap.dedent(
 )
 
 
-def _launcher(
-    *args: str, state_dir: Path, config: Path, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clusters.local",
-            *args,
-            "--config",
-            str(config),
-            "--state-dir",
-            str(state_dir),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("apart")
-    config = work / "apart.yaml"
-    config.write_text(CONFIG, encoding="utf-8")
-    state_dir = work / "state"
-    prefix = netns_fabric.fabric_prefix(NAME)
-    # A leftover of a crashed run, which `up` must clear away before it builds its own.
-    subprocess.run(["ip", "netns", "add", f"{prefix}-stray"], capture_output=True, check=False)
-    assert f"{prefix}-stray" in netns_fabric.leftover_namespaces(prefix)
-    up = _launcher("up", state_dir=state_dir, config=config)
-    assert up.returncode == 0, up.stdout + up.stderr
-    status = _launcher("status", "--json", state_dir=state_dir, config=config, timeout=60)
-    try:
-        yield {
-            "config": config,
-            "state_dir": state_dir,
-            "prefix": prefix,
-            "up": up.stdout,
-            "status_rc": status.returncode,
-            "status": json.loads(status.stdout),
-        }
-    finally:
-        down = _launcher("down", state_dir=state_dir, config=config, timeout=120)
-        left = netns_fabric.leftover_namespaces(prefix)
-        netns_fabric.teardown(prefix)
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert left == [], f"`down` left namespaces behind: {left}"
-        stray = subprocess.run(["pgrep", "-f", f"rf-{prefix}|clusters.link_emulator.*{state_dir}"],
-                               capture_output=True, text=True, check=False).stdout.split()  # fmt: skip
-        assert stray == [], f"`down` left processes behind: {stray}"
-
-
-def _node(cluster: dict[str, Any], region: str) -> dict[str, Any]:
-    return next(node for node in cluster["status"]["nodes"] if node["region"] == region)
+    yield from isolated_cluster(tmp_path_factory, NAME, SUBNET, head_port=6390)
 
 
 def _namespace(cluster: dict[str, Any], region: str) -> str:
@@ -156,10 +90,19 @@ def _namespace(cluster: dict[str, Any], region: str) -> str:
 
 def _round_trips(cluster: dict[str, Any], count: int = 15) -> list[str]:
     """UDP round trips from the us-west node to the eu-central node, through the emulated link."""
-    eu = _node(cluster, "eu-central")["address"]
+    eu = node_of(cluster, "eu-central")["address"]
     server = subprocess.Popen(
-        ["ip", "netns", "exec", _namespace(cluster, "eu-central"), sys.executable, "-m", "clusters.udp_probe",
-         "serve", "9911"],  # fmt: skip
+        [
+            "ip",
+            "netns",
+            "exec",
+            _namespace(cluster, "eu-central"),
+            sys.executable,
+            "-m",
+            "clusters.udp_probe",
+            "serve",
+            "9911",
+        ],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -167,8 +110,21 @@ def _round_trips(cluster: dict[str, Any], count: int = 15) -> list[str]:
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         client = subprocess.run(
-            ["ip", "netns", "exec", _namespace(cluster, "us-west"), sys.executable, "-m", "clusters.udp_probe",
-             "ping", eu, "9911", str(count), "0", "0.5"],  # fmt: skip
+            [
+                "ip",
+                "netns",
+                "exec",
+                _namespace(cluster, "us-west"),
+                sys.executable,
+                "-m",
+                "clusters.udp_probe",
+                "ping",
+                eu,
+                "9911",
+                str(count),
+                "0",
+                "0.5",
+            ],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -208,33 +164,13 @@ def test_a_job_submitted_from_the_host_sees_nodes_that_share_neither_loopback_no
     cluster: dict[str, Any], tmp_path: Path
 ) -> None:
     (tmp_path / "probe.py").write_text(PROBE_JOB, encoding="utf-8")
-    token = cluster["state_dir"] / "ray-auth-token"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    submit = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("ray")),
-            "job",
-            "submit",
-            "--address",
-            cluster["status"]["dashboard_url"],
-            "--working-dir",
-            str(tmp_path),
-            "--",
-            "python",
-            "probe.py",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        check=False,
-    )
-    lines = [line for line in submit.stdout.splitlines() if line.startswith("PROBE ")]
-    assert submit.returncode == 0 and lines, submit.stdout[-3000:] + submit.stderr[-2000:]
+    code, output = submit(cluster, ["python", "probe.py"], timeout=240, working_dir=tmp_path)
+    lines = [line for line in output.splitlines() if line.startswith("PROBE ")]
+    assert code == 0 and lines, output[-5000:]
     probe = json.loads(lines[0][len("PROBE ") :])
 
-    assert probe["us"]["ip"] == _node(cluster, "us-west")["address"]
-    assert probe["eu_ip"] == _node(cluster, "eu-central")["address"]
+    assert probe["us"]["ip"] == node_of(cluster, "us-west")["address"]
+    assert probe["eu_ip"] == node_of(cluster, "eu-central")["address"]
     assert probe["us"]["markers"] == []  # the eu node's /tmp is its own
     assert probe["us"]["reached_other_loopback"] is False
 
@@ -244,21 +180,13 @@ def test_the_demo_submitted_from_the_host_runs_on_both_regions_and_learns(cluste
     # repository checkout, which every node of this machine shares (as an NFS home would).
     (REPO_ROOT / ".rayflow").mkdir(exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="demo-out-", dir=REPO_ROOT / ".rayflow"))
-    token = cluster["state_dir"] / "ray-auth-token"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    submit = subprocess.run(
-        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster["status"]["dashboard_url"],
-         "--", "python", "-m", "rayflow.jobs.demo", "--modules", "6", "--workers", "2",
-         "--out", str(out)],  # fmt: skip
-        capture_output=True,
-        text=True,
+    code, output = submit(
+        cluster,
+        ["python", "-m", "rayflow.jobs.demo", "--modules", "6", "--workers", "2", "--out", str(out)],
         timeout=900,
-        env=env,
-        check=False,
     )
     try:
-        output = submit.stdout + submit.stderr
-        assert submit.returncode == 0 and "succeeded" in output, output[-4000:]
+        assert code == 0 and "succeeded" in output, output[-4000:]
         assert "Workers: 2 on 2 node(s) in 2 region(s)" in output
         runs = json.loads((out / "summary.json").read_text())["runs"]
     finally:
@@ -277,14 +205,14 @@ def test_packets_between_regions_take_the_links_round_trip_time(cluster: dict[st
 
 
 def test_a_partition_cuts_the_regions_apart_and_heal_joins_them_again(cluster: dict[str, Any]) -> None:
-    cut = _launcher(
+    cut = launcher(
         "partition", "us-west", "eu-central", state_dir=cluster["state_dir"], config=cluster["config"]
     )
     assert cut.returncode == 0, cut.stderr
     try:
         assert set(_round_trips(cluster, count=4)) == {"lost"}
     finally:
-        healed = _launcher(
+        healed = launcher(
             "heal", "us-west", "eu-central", state_dir=cluster["state_dir"], config=cluster["config"]
         )
     assert healed.returncode == 0, healed.stderr
@@ -292,7 +220,7 @@ def test_a_partition_cuts_the_regions_apart_and_heal_joins_them_again(cluster: d
 
 
 def test_partition_of_an_unknown_region_is_refused(cluster: dict[str, Any]) -> None:
-    answer = _launcher(
+    answer = launcher(
         "partition", "us-west", "mars", state_dir=cluster["state_dir"], config=cluster["config"]
     )
 

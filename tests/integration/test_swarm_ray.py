@@ -2,7 +2,8 @@
 a repository that only the object store holds, and a coordinator on the node the driver is not on.
 
 Sandboxes here come from the process backend so the Ray behaviour is tested on every machine;
-the same flows with Docker sandboxes and a node lost mid-job are in ``test_swarm_docker.py``.
+the same flows with Docker sandboxes, a node lost mid-job and pattern B run on an isolated
+two-region cluster in ``test_isolated_swarm.py``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from rayflow.swarm.results_log import ResultsLog
 from rayflow.views.job_result import JobResult, select_rows
 from rayflow.views.progress import LogDisplay, NotebookDisplay, ProgressCounts, RunProgress, progress_html
 from rayflow.wire.subtasks import Pattern, Phase, PhaseEvent, SubtaskResult
-from rayflow.wire.synthesis import synthesize_report
+from rayflow.wire.synthesis import health_lines, synthesize_report
 from tests.swarm_records import T0, subtask_result
 
 
@@ -418,3 +418,61 @@ def test_json_round_trip_keeps_regions_memory_counts_and_the_warnings(tmp_path: 
     assert [r.region for r in again.results()] == ["eu", "us", "eu", "eu", "us"]
     assert again.results().__next__().memory == job.results().__next__().memory
     assert again.headline() == job.headline() and again.warnings == job.warnings
+
+
+# --- the sandbox image line ---------------------------------------------------------------------
+def image_check(*nodes: tuple[str, str, str, float, int], seconds: float = 0.31, earlier: bool = False) -> dict:
+    """A summary's ``images`` entry: (node, engine, action, seconds, bytes moved) per node."""
+    return {
+        "image": "rayflow-sandbox:latest", "checked_at": 1_700_000_000.0, "seconds": seconds, "earlier": earlier,
+        "nodes": [{"node_id": node, "region": "eu", "engine_id": engine, "action": action, "seconds": s,
+                   "bytes_moved": moved} for node, engine, action, s, moved in nodes],
+    }
+
+
+ALL_CURRENT = image_check(("node-0", "E1", "current", 0.2, 0), ("node-1", "E1", "current", 0.2, 0))
+
+
+def test_the_image_line_follows_the_workers_line_in_the_report_and_the_job_result(tmp_path: Path) -> None:
+    job = logged(tmp_path, placed_results(4), images=ALL_CURRENT)
+    expected = [
+        "Workers: 3 on 2 node(s) in 2 region(s)",
+        "Sandbox image rayflow-sandbox:latest: current on 2 node(s) (1 engine), checked in 0.3 s",
+        "Memory: 4 of 4 subtasks that used it reached the hub; 12 hits",
+    ]
+    assert synthesize_report(job.summary, job.results()).split("\n\n")[1].splitlines() == expected
+    assert job.headline().splitlines()[1:] == expected
+    assert job.warnings == []
+    assert JobResult.from_json(job.to_json()).headline() == job.headline()
+
+
+def test_the_image_line_says_where_it_was_built_loaded_and_shared_with_times_and_bytes() -> None:
+    check = image_check(
+        ("ab12cd34ef56", "E1", "built", 61.04, 138_400_000),
+        ("node-2", "E2", "loaded", 8.21, 138_400_000),
+        ("node-3", "E3", "loaded", 6.0, 138_400_000),
+        ("node-4", "E3", "shared", 0.1, 0),
+        ("node-5", "E4", "current", 0.2, 0),
+        ("node-6", "E5", "current", 0.2, 0),
+        seconds=72.54,
+    )
+    lines = [text for text, _ in health_lines({"images": check})]
+    assert lines == [(
+        "Sandbox image rayflow-sandbox:latest: built on node ab12cd34 in 61.0 s, current on 2 node(s) (2 engines), "
+        "loaded on 2 node(s) in 8.2 s (277 MB), shared by 1 more node(s) on the same engine(s), checked in 72.5 s"
+    )]
+
+
+def test_the_image_line_of_a_check_made_for_an_earlier_job_says_when_and_how_long_it_took() -> None:
+    check = {**image_check(("node-0", "E1", "built", 55.0, 0), seconds=55.2), "earlier": True}
+    text = (
+        "Sandbox image rayflow-sandbox:latest: checked for an earlier job on the same nodes at "
+        "2023-11-14 22:13:20 UTC (built on node node-0 in 55.0 s, in 55.2 s)"
+    )
+    assert health_lines({"images": check}) == [(text, False)]
+
+
+def test_a_summary_without_an_image_check_has_no_image_line() -> None:
+    summary = {"workers": {"w0": {"subtasks": 1, "node": "n", "region": "r"}}, "subtasks": 1}
+    assert [text for text, _ in health_lines(summary)] == ["Workers: 1 on 1 node(s) in 1 region(s)"]
+    assert health_lines({**summary, "images": "garbled"}) == health_lines(summary)
