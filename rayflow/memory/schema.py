@@ -168,6 +168,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX changes_by_hlc ON changes(hlc);
         """,
     ),
+    Migration(
+        2,
+        "the causal context of each change (its origin's version vector when it was committed)",
+        # NULL for changes logged before replication existed: they depend only on their origin's
+        # earlier changes, which is what a reader assumes for a NULL context.
+        "ALTER TABLE changes ADD COLUMN context BLOB;",
+    ),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version

@@ -6,10 +6,14 @@ the mutation, in one SQLite transaction. A later replication layer ships those r
 which hand them to :meth:`Store.apply_remote`; both paths run the same apply functions, so a
 replica's state is always "the fold of its change log".
 
-Every apply function is idempotent and commutes with the others where replicas may race:
+Every apply function is idempotent and commutes with the others where replicas may race, so two
+replicas that applied the same changes (each in a causal order: a change after everything its
+``context`` names) hold the same state, which :meth:`Store.state_digest` shows:
 
-* ``item.put`` is last-writer-wins on (hybrid logical timestamp, replica id); a deleted id stays
-  deleted.
+* ``item.put`` is last-writer-wins on (hybrid logical timestamp, replica id), field by field the
+  winning edit's, except ``last_used_at``, which only grows.
+* ``item.delete`` wins over a concurrent edit: a deleted item stays deleted, and its fields still
+  follow the winning edit; concurrent deletes keep the first reason in sort order.
 * ``counter.set`` takes the per-origin maximum (a grow-only counter per origin).
 * ``item.touch`` keeps the latest ``last_used_at``.
 * links, trajectories, tenants and consolidation runs are insert-once.
@@ -21,6 +25,7 @@ crash of the process only.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -79,7 +84,14 @@ class AuditRecord:
 
 @dataclass(frozen=True)
 class Change:
-    """One applied mutation as recorded in the change log (the unit of replication)."""
+    """One applied mutation as recorded in the change log (the unit of replication).
+
+    ``context`` is the causal context: the version vector of the origin replica just before the
+    change was committed (so ``context[replica_id] == seq - 1``, the entry left out when zero).
+    A receiver applies a change only after everything its context names, which keeps the apply
+    functions that need an earlier change (a delete after its put, a link after both ends) safe
+    when the change arrives from a third replica first.
+    """
 
     replica_id: str
     seq: int
@@ -88,11 +100,21 @@ class Change:
     kind: str
     entity_id: str
     payload: dict[str, Any]
+    context: dict[str, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         """msgpack form, for a wire."""
         return msgpack.packb(
-            [self.replica_id, self.seq, self.hlc, self.tenant, self.kind, self.entity_id, self.payload],
+            [
+                self.replica_id,
+                self.seq,
+                self.hlc,
+                self.tenant,
+                self.kind,
+                self.entity_id,
+                self.payload,
+                self.context,
+            ],
             use_bin_type=True,
         )
 
@@ -100,12 +122,20 @@ class Change:
     def decode(cls, data: bytes) -> Change:
         try:
             fields = msgpack.unpackb(data, raw=False)
-            replica_id, seq, hlc, tenant, kind, entity_id, payload = fields
+            if not isinstance(fields, list) or len(fields) not in (7, 8):
+                raise InvalidInputError("a change record is a list of 7 or 8 fields")
+            replica_id, seq, hlc, tenant, kind, entity_id, payload = fields[:7]
+            context = fields[7] if len(fields) == 8 else {}
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise InvalidInputError(f"malformed change record: {exc}") from exc
         if kind not in CHANGE_KINDS or not isinstance(payload, dict):
             raise InvalidInputError(f"malformed change record of kind {kind!r}")
-        return cls(str(replica_id), int(seq), int(hlc), str(tenant), kind, str(entity_id), payload)
+        if not isinstance(context, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in context.items()
+        ):
+            raise InvalidInputError("malformed causal context of a change record")
+        return cls(str(replica_id), int(seq), int(hlc), str(tenant), kind, str(entity_id), payload, context)
 
 
 class Store:
@@ -134,6 +164,14 @@ class Store:
         self.replica_id = self._load_replica_id(replica_id)
         (last_hlc,) = self._writer.execute("SELECT coalesce(max(hlc), 0) FROM changes").fetchone()
         self.clock = HybridLogicalClock(wall_ms, last=last_hlc)
+        #: What this replica has applied, per origin (kept with the log, under the write lock):
+        #: the causal context of the next local change.
+        self._applied: dict[str, int] = {
+            replica: seq
+            for replica, seq in self._writer.execute(
+                "SELECT replica_id, max(seq) FROM changes GROUP BY replica_id"
+            )
+        }
         self._closed = False
 
     # --- connections ------------------------------------------------------------------------
@@ -202,29 +240,34 @@ class Store:
         for mutation in mutations:
             if mutation.kind not in REQUEST_KINDS:
                 raise InvalidInputError(f"unknown change kind {mutation.kind!r}")
-        with self._write_lock, self._write_transaction() as conn:
-            if mutations[0].kind != "tenant.put":
-                _require_tenant(conn, tenant)
-            (seq,) = conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM changes WHERE replica_id = ?", (self.replica_id,)
-            ).fetchone()
-            changes = []
-            for mutation in mutations:
-                if mutation.kind == "counter.add":
-                    mutation = _counter_increment_to_set(conn, tenant, mutation)
-                seq += 1
-                change = Change(
-                    self.replica_id,
-                    seq,
-                    self.clock.now().pack(),
-                    tenant,
-                    mutation.kind,
-                    mutation.entity_id,
-                    mutation.payload,
-                )
-                _append_change(conn, change)
-                _APPLY[change.kind](conn, change)
-                changes.append(change)
+        with self._write_lock:
+            applied = dict(self._applied)
+            with self._write_transaction() as conn:
+                if mutations[0].kind != "tenant.put":
+                    _require_tenant(conn, tenant)
+                (seq,) = conn.execute(
+                    "SELECT coalesce(max(seq), 0) FROM changes WHERE replica_id = ?", (self.replica_id,)
+                ).fetchone()
+                changes = []
+                for mutation in mutations:
+                    if mutation.kind == "counter.add":
+                        mutation = _counter_increment_to_set(conn, tenant, mutation)
+                    seq += 1
+                    change = Change(
+                        self.replica_id,
+                        seq,
+                        self.clock.now().pack(),
+                        tenant,
+                        mutation.kind,
+                        mutation.entity_id,
+                        mutation.payload,
+                        {replica: n for replica, n in applied.items() if n},
+                    )
+                    _append_change(conn, change)
+                    _APPLY[change.kind](conn, change)
+                    applied[self.replica_id] = seq
+                    changes.append(change)
+            self._applied = applied  # only once the transaction committed
             return changes
 
     def apply_remote(self, changes: Sequence[Change]) -> int:
@@ -234,22 +277,26 @@ class Store:
         resend freely.
         """
         applied = 0
-        with self._write_lock, self._write_transaction() as conn:
-            for change in changes:
-                if change.replica_id == self.replica_id:
-                    continue
-                seen = conn.execute(
-                    "SELECT 1 FROM changes WHERE replica_id = ? AND seq = ?",
-                    (change.replica_id, change.seq),
-                ).fetchone()
-                if seen:
-                    continue
-                self.clock.observe(HLCTimestamp.unpack(change.hlc))
-                if change.kind != "tenant.put":
-                    _require_tenant(conn, change.tenant)
-                _append_change(conn, change)
-                _APPLY[change.kind](conn, change)
-                applied += 1
+        with self._write_lock:
+            vector = dict(self._applied)
+            with self._write_transaction() as conn:
+                for change in changes:
+                    if change.replica_id == self.replica_id:
+                        continue
+                    seen = conn.execute(
+                        "SELECT 1 FROM changes WHERE replica_id = ? AND seq = ?",
+                        (change.replica_id, change.seq),
+                    ).fetchone()
+                    if seen:
+                        continue
+                    self.clock.observe(HLCTimestamp.unpack(change.hlc))
+                    if change.kind != "tenant.put":
+                        _require_tenant(conn, change.tenant)
+                    _append_change(conn, change)
+                    _APPLY[change.kind](conn, change)
+                    vector[change.replica_id] = max(vector.get(change.replica_id, 0), change.seq)
+                    applied += 1
+            self._applied = vector
         return applied
 
     def get_meta(self, key: str) -> str | None:
@@ -266,11 +313,50 @@ class Store:
     def changes_since(self, replica_id: str, after_seq: int, limit: int = 1000) -> list[Change]:
         """Change records of ``replica_id`` with sequence numbers above ``after_seq``, in order."""
         rows = self.reader().execute(
-            "SELECT replica_id, seq, hlc, tenant, kind, entity_id, payload FROM changes "
-            "WHERE replica_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT {_CHANGE_COLUMNS} FROM changes WHERE replica_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (replica_id, after_seq, limit),
         )
-        return [Change(r, s, h, t, k, e, msgpack.unpackb(p, raw=False)) for r, s, h, t, k, e, p in rows]
+        return [_change_of_row(row) for row in rows]
+
+    def changes_after(self, vector: dict[str, int], limit: int = 1000) -> list[Change]:
+        """Up to ``limit`` change records that ``vector`` (a peer's version vector) lacks, in an
+        order that respects causality: hybrid logical time, which every replica advances past
+        what it observed, so a change always comes after everything it depended on."""
+        with self.snapshot() as conn:
+            starts = []
+            for replica, held in conn.execute("SELECT replica_id, max(seq) FROM changes GROUP BY replica_id"):
+                if held > vector.get(replica, 0):
+                    row = conn.execute(
+                        "SELECT hlc FROM changes WHERE replica_id = ? AND seq = ?",
+                        (replica, vector.get(replica, 0) + 1),
+                    ).fetchone()
+                    # A replica's log may start above 1 (restored from a snapshot): start at its first.
+                    starts.append(row[0] if row is not None else 0)
+            if not starts:
+                return []
+            out: list[Change] = []
+            rows = conn.execute(
+                f"SELECT {_CHANGE_COLUMNS} FROM changes WHERE hlc >= ? ORDER BY hlc", (min(starts),)
+            )
+            for row in rows:
+                if row[1] > vector.get(row[0], 0):
+                    out.append(_change_of_row(row))
+                    if len(out) >= limit:
+                        break
+            return out
+
+    def state_digest(self) -> str:
+        """SHA-256 over every replicated row (tenants, items, embeddings, counters, links,
+        trajectories, consolidation runs), in a fixed order and leaving out what is local (row
+        ids, index positions, the audit log, the change log itself): equal on two replicas exactly
+        when they hold the same state, whatever order their changes arrived in."""
+        digest = hashlib.sha256()
+        with self.snapshot() as conn:
+            for query in _DIGEST_QUERIES:
+                digest.update(query.encode())
+                for row in conn.execute(query):
+                    digest.update(msgpack.packb(list(row), use_bin_type=True))
+        return digest.hexdigest()
 
     def version_vector(self) -> dict[str, int]:
         """Highest sequence number held per replica: what this replica has seen."""
@@ -320,10 +406,39 @@ class Store:
 
 
 # --- apply functions (shared by local commits and remote changes) ------------------------------
+_CHANGE_COLUMNS = "replica_id, seq, hlc, tenant, kind, entity_id, payload, context"
+
+#: The replicated state, row by row in a fixed order (see :meth:`Store.state_digest`).
+_DIGEST_QUERIES = (
+    "SELECT name, created_at FROM tenants ORDER BY name",
+    (
+        "SELECT id, tenant, namespace, title, description, content, tags, domain, outcome, prior_confidence, "
+        "created_at, last_used_at, source_task, source_agent, embedding_model, dim, deleted, deleted_reason, "
+        "updated_hlc, updated_by FROM items ORDER BY id"
+    ),
+    "SELECT i.id, e.model, e.dim, e.vector FROM embeddings e JOIN items i ON i.rowid = e.item_rowid ORDER BY i.id",
+    "SELECT item_id, origin, uses, successes, failures FROM item_counters ORDER BY item_id, origin",
+    "SELECT src_id, dst_id, kind, tenant, created_at, note FROM links ORDER BY src_id, dst_id, kind",
+    "SELECT * FROM trajectories ORDER BY id",
+    "SELECT * FROM consolidation_runs ORDER BY id",
+)
+
+
+def _change_of_row(row: Sequence[Any]) -> Change:
+    replica, seq, hlc, tenant, kind, entity_id, payload, context = row
+    # A change logged before contexts were recorded depends on its origin's earlier changes only.
+    known = (
+        msgpack.unpackb(context, raw=False)
+        if context is not None
+        else ({replica: seq - 1} if seq > 1 else {})
+    )
+    return Change(replica, seq, hlc, tenant, kind, entity_id, msgpack.unpackb(payload, raw=False), known)
+
+
 def _append_change(conn: apsw.Connection, change: Change) -> None:
     conn.execute(
-        "INSERT INTO changes(replica_id, seq, hlc, tenant, kind, entity_id, payload) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO changes(replica_id, seq, hlc, tenant, kind, entity_id, payload, context) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             change.replica_id,
             change.seq,
@@ -332,6 +447,7 @@ def _append_change(conn: apsw.Connection, change: Change) -> None:
             change.kind,
             change.entity_id,
             msgpack.packb(change.payload, use_bin_type=True),
+            msgpack.packb(change.context, use_bin_type=True),
         ),
     )
 
@@ -393,16 +509,27 @@ def _apply_item_put(conn: apsw.Connection, change: Change) -> None:
         )
         rowid = conn.last_insert_rowid()
     else:
-        rowid, owner, deleted, updated_hlc, updated_by = existing
+        rowid, owner, _deleted, updated_hlc, updated_by = existing
         if owner != change.tenant:
             raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
         # Ties in hybrid time are broken by replica id, so every replica picks the same winner.
-        if deleted or (updated_hlc, updated_by) >= (change.hlc, change.replica_id):
+        # A deleted item stays deleted (a delete wins over a concurrent edit), but its fields still
+        # follow the winning edit, so replicas that saw the edit and the delete in either order
+        # hold the same tombstone.
+        if (updated_hlc, updated_by) >= (change.hlc, change.replica_id):
             return
-        assignments = ", ".join(f"{c} = ?" for c in _ITEM_COLUMNS)
+        # Every field follows the winning edit except ``last_used_at``, which only grows (uses
+        # are ``item.touch`` changes, and an edit must not undo a use it did not see).
+        assignments = ", ".join(
+            "last_used_at = CASE WHEN ? IS NULL THEN last_used_at ELSE max(coalesce(last_used_at, 0), ?) END"
+            if c == "last_used_at"
+            else f"{c} = ?"
+            for c in _ITEM_COLUMNS
+        )
+        bound = [value for c, v in zip(_ITEM_COLUMNS, values) for value in ((v, v) if c == "last_used_at" else (v,))]
         conn.execute(
             f"UPDATE items SET {assignments}, updated_hlc = ?, updated_by = ?, index_seq = ? WHERE rowid = ?",
-            (*values, change.hlc, change.replica_id, _next_index_seq(conn), rowid),
+            (*bound, change.hlc, change.replica_id, _next_index_seq(conn), rowid),
         )
     conn.execute(
         "INSERT INTO embeddings(item_rowid, model, dim, vector) VALUES (?, ?, ?, ?) "
@@ -417,11 +544,18 @@ def _apply_item_delete(conn: apsw.Connection, change: Change) -> None:
     if owned is None:
         raise ItemNotFoundError(f"no item {change.entity_id} for tenant {change.tenant!r}")
     rowid, deleted = owned
+    reason = str(change.payload.get("reason", ""))
     if deleted:
+        # Deletes made concurrently on two replicas: every replica keeps the same reason (the
+        # first in sort order, a choice that does not depend on arrival order).
+        conn.execute(
+            "UPDATE items SET deleted_reason = ? WHERE rowid = ? AND deleted_reason > ?",
+            (reason, rowid, reason),
+        )
         return
     conn.execute(
         "UPDATE items SET deleted = 1, deleted_reason = ?, index_seq = ? WHERE rowid = ?",
-        (change.payload.get("reason", ""), _next_index_seq(conn), rowid),
+        (reason, _next_index_seq(conn), rowid),
     )
 
 

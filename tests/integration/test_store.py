@@ -13,30 +13,9 @@ from rayflow.errors import InvalidInputError, ItemNotFoundError, SchemaTooNewErr
 from rayflow.ids import new_id
 from rayflow.memory.schema import CURRENT_VERSION
 from rayflow.memory.store import Change, Mutation, Store
+from tests.store_support import item_payload as _item_payload
 
 pytestmark = pytest.mark.integration
-
-
-def _item_payload(**overrides):
-    payload = {
-        "namespace": "ns",
-        "title": b"t",
-        "description": b"d",
-        "content": b"c",
-        "tags": "[]",
-        "domain": "",
-        "outcome": "success",
-        "prior_confidence": 0.5,
-        "created_at": 1.0,
-        "last_used_at": None,
-        "source_task": "",
-        "source_agent": "",
-        "embedding_model": "m",
-        "dim": 2,
-        "vector": b"\x00\x00\x80?\x00\x00\x00\x00",
-    }
-    payload.update(overrides)
-    return payload
 
 
 @pytest.fixture
@@ -220,3 +199,66 @@ def test_database_files_are_owner_only(tmp_path):
             assert path.stat().st_mode & 0o077 == 0, path
     finally:
         store.close()
+
+
+def test_each_change_records_its_causal_context(tmp_path, store):
+    """A change names what its origin had applied before it: its own earlier changes and the
+    remote ones it had seen; a failed commit leaves the next change's context as it was."""
+    other = Store(tmp_path / "other.sqlite3", replica_id="replica-b")
+    try:
+        item_id = new_id()
+        put = store.commit("acme", [Mutation("item.put", item_id, _item_payload())])[0]
+        assert put.context == {"replica-a": 1}  # after the fixture's tenant.put
+        other.apply_remote(store.changes_since("replica-a", 0))
+        with pytest.raises(ItemNotFoundError):
+            other.commit("acme", [Mutation("item.delete", new_id(), {"reason": "gone"})])
+        delete = other.commit("acme", [Mutation("item.delete", item_id, {"reason": "wrong"})])[0]
+        assert (delete.seq, delete.context) == (1, {"replica-a": 2})
+        assert other.changes_since("replica-b", 0)[0].context == {"replica-a": 2}
+        assert Change.decode(delete.encode()) == delete
+    finally:
+        other.close()
+
+
+def test_a_peer_gets_what_it_lacks_in_causal_order_even_from_a_third_replica(tmp_path, store):
+    """C learns A's item and B's delete of it from B alone: `changes_after` gives them in an order
+    C can apply (the delete after the put it depends on), and only what C's vector lacks."""
+    b = Store(tmp_path / "b.sqlite3", replica_id="replica-b")
+    c = Store(tmp_path / "c.sqlite3", replica_id="replica-c")
+    try:
+        item_id = new_id()
+        store.commit("acme", [Mutation("item.put", item_id, _item_payload())])
+        b.apply_remote(store.changes_since("replica-a", 0))
+        b.commit("acme", [Mutation("item.delete", item_id, {"reason": "wrong"})])
+        missing = b.changes_after(c.version_vector())
+        assert [(ch.replica_id, ch.seq) for ch in missing] == [("replica-a", 1), ("replica-a", 2), ("replica-b", 1)]
+        assert c.apply_remote(missing) == 3
+        deleted = c.reader().execute("SELECT deleted FROM items WHERE id = ?", (item_id,)).fetchone()[0]
+        assert deleted == 1 and c.version_vector() == b.version_vector()
+        assert b.changes_after(c.version_vector()) == []
+        assert b.changes_after({"replica-a": 2}) == b.changes_since("replica-b", 0)
+        assert len(b.changes_after({}, limit=2)) == 2
+    finally:
+        b.close()
+        c.close()
+
+
+def test_changes_logged_before_contexts_existed_depend_on_their_origin_only(tmp_path):
+    """A bank written by the first schema: its changes get the context a reader may assume."""
+    from rayflow.memory.schema import MIGRATIONS, migrate
+
+    path = tmp_path / "old.sqlite3"
+    conn = apsw.Connection(str(path))
+    migrate(conn, MIGRATIONS[:1])
+    for seq in (1, 2):
+        conn.execute(
+            "INSERT INTO changes(replica_id, seq, hlc, tenant, kind, entity_id, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ("old", seq, seq, "acme", "tenant.put", "acme", msgpack.packb({"created_at": 1.0})),
+        )
+    conn.close()
+    reopened = Store(path, replica_id="old")
+    try:
+        assert [c.context for c in reopened.changes_since("old", 0)] == [{}, {"old": 1}]
+        assert reopened.commit("acme", [Mutation("tenant.put", "acme", {"created_at": 2.0})])[0].context == {"old": 2}
+    finally:
+        reopened.close()

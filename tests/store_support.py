@@ -1,0 +1,28 @@
+"""Change payloads for tests that drive the store's mutation path directly (store and replication tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def item_payload(**overrides: Any) -> dict[str, Any]:
+    """An ``item.put`` payload with every column the store needs; ``overrides`` replace fields."""
+    payload = {
+        "namespace": "ns",
+        "title": b"t",
+        "description": b"d",
+        "content": b"c",
+        "tags": "[]",
+        "domain": "",
+        "outcome": "success",
+        "prior_confidence": 0.5,
+        "created_at": 1.0,
+        "last_used_at": None,
+        "source_task": "",
+        "source_agent": "",
+        "embedding_model": "m",
+        "dim": 2,
+        "vector": b"\x00\x00\x80?\x00\x00\x00\x00",
+    }
+    payload.update(overrides)
+    return payload
