@@ -6,10 +6,12 @@ possession proof but not its chain, and accepts an empty one, so a server cannot
 refuse a stranger. Replicas therefore authenticate each other inside the connection, in the
 sync protocol's hello: each side presents a :class:`ReplicaCredential` (its replica id, region
 and Ed25519 public key, signed by the federation root) and signs a transcript holding both sides'
-fresh nonces and the channel binding (the fingerprint of the responder's TLS certificate, which
-the initiator has pinned through the federation CA). A credential copied from a member is
-useless without its private key; a proof replayed from another connection names other nonces;
-a proof relayed through another TLS endpoint names another certificate.
+fresh nonces and the channel binding: the fingerprint of the responder's TLS trust anchor (its
+CA certificate), which the initiator pins when it opens the connection and the responder knows
+as its own, so the TLS layer has already proved that the endpoint holds a key under it. A
+credential copied from a member is useless without its private key; a proof replayed from
+another connection names other nonces; a proof relayed through another TLS endpoint names
+another trust anchor.
 
 Why sign-and-pin rather than a shared secret: a replica's key never leaves its node, one
 replica can be revoked without re-keying the rest (:attr:`FederationTrust.revoked`), and
@@ -177,9 +179,10 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
-def channel_binding(certificate_der: bytes) -> bytes:
-    """What binds a handshake to one TLS endpoint: the SHA-256 of the responder's certificate."""
-    return hashlib.sha256(certificate_der).digest()
+def channel_binding(trust_anchor: bytes) -> bytes:
+    """What binds a handshake to one TLS endpoint: the SHA-256 of the responder's CA certificate
+    (PEM or DER bytes, as the initiator pinned it and the responder holds it)."""
+    return hashlib.sha256(trust_anchor).digest()
 
 
 def transcript(
