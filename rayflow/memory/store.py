@@ -26,6 +26,7 @@ crash of the process only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,8 @@ from rayflow.errors import InvalidInputError, ItemNotFoundError, StorageError, U
 from rayflow.hlc import HLCTimestamp, HybridLogicalClock
 from rayflow.ids import new_id
 from rayflow.memory.schema import migrate
+
+log = logging.getLogger(__name__)
 
 #: Change kinds, i.e. the complete vocabulary of the change log.
 CHANGE_KINDS = (
@@ -172,6 +175,8 @@ class Store:
                 "SELECT replica_id, max(seq) FROM changes GROUP BY replica_id"
             )
         }
+        #: Called after every commit or remote apply that changed the log (see :meth:`add_listener`).
+        self._listeners: list[Callable[[Sequence[Change]], None]] = []
         self._closed = False
 
     # --- connections ------------------------------------------------------------------------
@@ -229,6 +234,19 @@ class Store:
             )
         return replica_id
 
+    def add_listener(self, listener: Callable[[Sequence[Change]], None]) -> None:
+        """Call ``listener(changes)`` after each transaction that logged changes (local or remote),
+        on the committing thread, once they are durable. Replication pushes new changes to peers
+        this way; a listener must be quick and must not raise (an error is logged and dropped)."""
+        self._listeners.append(listener)
+
+    def _notify(self, changes: Sequence[Change]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(changes)
+            except Exception:  # one observer must not fail the commit it observes
+                log.exception("a change listener failed")
+
     # --- the one mutation path --------------------------------------------------------------
     def commit(self, tenant: str, mutations: Sequence[Mutation]) -> list[Change]:
         """Record and apply ``mutations`` for ``tenant`` atomically; returns their change records.
@@ -268,7 +286,8 @@ class Store:
                     applied[self.replica_id] = seq
                     changes.append(change)
             self._applied = applied  # only once the transaction committed
-            return changes
+        self._notify(changes)
+        return changes
 
     def apply_remote(self, changes: Sequence[Change]) -> int:
         """Apply change records received from other replicas; returns how many were new.
@@ -277,6 +296,7 @@ class Store:
         resend freely.
         """
         applied = 0
+        new: list[Change] = []
         with self._write_lock:
             vector = dict(self._applied)
             with self._write_transaction() as conn:
@@ -295,8 +315,11 @@ class Store:
                     _append_change(conn, change)
                     _APPLY[change.kind](conn, change)
                     vector[change.replica_id] = max(vector.get(change.replica_id, 0), change.seq)
+                    new.append(change)
                     applied += 1
             self._applied = vector
+        if new:
+            self._notify(new)
         return applied
 
     def get_meta(self, key: str) -> str | None:

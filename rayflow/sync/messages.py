@@ -12,7 +12,10 @@ declared length is checked from its header, before its body is buffered.
 
 What the messages mean is :mod:`rayflow.sync.peer_session`'s business; in short:
 
-* :class:`Hello` opens a session: who I am, my applied vector, the credit I grant you.
+* :class:`Hello` opens a session: who I am (my replica id and federation credential), a fresh
+  nonce, my applied vector, the credit I grant you.
+* :class:`Proof` proves it: the sender's signature over the handshake transcript (both Hellos'
+  ids and nonces, and the channel binding; see :mod:`rayflow.sync.identity`).
 * :class:`Deltas` carries a batch of deltas (and, when the batch brings the peer up to the
   sender's head, that head as ``up_to``).
 * :class:`Ack` says what the receiver has made durable and returns credit.
@@ -31,6 +34,7 @@ import msgpack
 
 from rayflow.errors import InvalidInputError, PayloadTooLargeError
 from rayflow.sync.delta import MAX_DELTA_BYTES, Delta
+from rayflow.sync.identity import NONCE_BYTES, SIGNATURE_BYTES, ReplicaCredential
 from rayflow.sync.vector_clock import MAX_REPLICAS, VectorClock, validate_replica_id
 
 #: Version of this wire format, carried by every message. :class:`Hello` is always readable by
@@ -52,7 +56,7 @@ _HEADER = struct.Struct(">I")
 _ENVELOPE_KEYS = frozenset({"v", "type"})
 _UNPACK_LIMITS = {
     "max_bin_len": MAX_DELTA_BYTES,
-    # Strings are ids, tenant and federation names (<= 128 chars) and reasons (<= 1024 chars),
+    # Strings are ids, tenant, federation and region names (<= 128 chars) and reasons (<= 1024 chars),
     # at most 4 UTF-8 bytes a character.
     "max_str_len": 4 * MAX_REASON_LENGTH,
     "max_array_len": MAX_DELTAS_PER_MESSAGE,
@@ -83,6 +87,12 @@ def _clock(value: object, what: str) -> VectorClock:
     return value
 
 
+def _bytes(value: object, size: int, what: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise InvalidInputError(f"{what} must be {size} bytes")
+    return value
+
+
 def _fields(obj: dict[str, Any], names: tuple[str, ...], what: str) -> list[Any]:
     keys = set(obj)
     if keys != set(names):
@@ -95,7 +105,10 @@ def _fields(obj: dict[str, Any], names: tuple[str, ...], what: str) -> list[Any]
 # --- messages ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hello:
-    """Opens a session: the sender's identity, what it has applied and the credit it grants."""
+    """Opens a session: the sender's identity and nonce, what it has applied and the credit it grants.
+
+    Nothing in a Hello is believed until the sender's :class:`Proof` verifies.
+    """
 
     TYPE: ClassVar[str] = "hello"
 
@@ -108,6 +121,10 @@ class Hello:
     applied: VectorClock
     #: Delta bytes (:attr:`Delta.size`) the receiver of this Hello may send before credit returns.
     window_bytes: int
+    #: The sender's federation credential (it must name ``replica_id``; the session checks that).
+    credential: ReplicaCredential
+    #: The sender's fresh nonce for this connection (:func:`rayflow.sync.identity.new_nonce`).
+    nonce: bytes
 
     def __post_init__(self) -> None:
         validate_replica_id(self.replica_id)
@@ -115,6 +132,9 @@ class Hello:
         _int_in(self.protocol, 1, MAX_ANNOUNCED_PROTOCOL, "protocol")
         _clock(self.applied, "applied")
         _int_in(self.window_bytes, 1, MAX_WINDOW_BYTES, "window_bytes")
+        if not isinstance(self.credential, ReplicaCredential) or not self.credential.signature:
+            raise InvalidInputError("credential must be a signed ReplicaCredential")
+        _bytes(self.nonce, NONCE_BYTES, "nonce")
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -123,13 +143,43 @@ class Hello:
             "protocol": self.protocol,
             "applied": self.applied.to_wire(),
             "window_bytes": self.window_bytes,
+            "credential": self.credential.to_wire(),
+            "nonce": self.nonce,
         }
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Hello:
-        names = ("replica_id", "federation", "protocol", "applied", "window_bytes")
-        replica_id, federation, protocol, applied, window = _fields(obj, names, "hello")
-        return cls(replica_id, federation, protocol, VectorClock.from_wire(applied), window)
+        names = ("replica_id", "federation", "protocol", "applied", "window_bytes", "credential", "nonce")
+        replica_id, federation, protocol, applied, window, credential, nonce = _fields(obj, names, "hello")
+        return cls(
+            replica_id,
+            federation,
+            protocol,
+            VectorClock.from_wire(applied),
+            window,
+            ReplicaCredential.from_wire(credential),
+            nonce,
+        )
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The sender's signature over the handshake transcript: it holds its credential's key, now, here."""
+
+    TYPE: ClassVar[str] = "proof"
+
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _bytes(self.signature, SIGNATURE_BYTES, "signature")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"signature": self.signature}
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Proof:
+        (signature,) = _fields(obj, ("signature",), "proof")
+        return cls(signature)
 
 
 @dataclass(frozen=True)
@@ -266,9 +316,9 @@ class Goodbye:
         return cls(reason)
 
 
-Message = Hello | Pull | Deltas | Ack | Notify | Goodbye
+Message = Hello | Proof | Pull | Deltas | Ack | Notify | Goodbye
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Pull, Deltas, Ack, Notify, Goodbye)
+    cls.TYPE: cls for cls in (Hello, Proof, Pull, Deltas, Ack, Notify, Goodbye)
 }
 
 

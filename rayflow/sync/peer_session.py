@@ -3,17 +3,28 @@
 :class:`PeerSession` takes the bytes the transport delivered (:meth:`~PeerSession.receive`) and
 what happened locally (:meth:`~PeerSession.local_changed`, :meth:`~PeerSession.applied`), and
 gives back bytes to send (:meth:`~PeerSession.data_to_send`) and events
-(:meth:`~PeerSession.next_event`). No sockets, no event loop, no clock: the QUIC shell that owns
-the stream (mutual TLS authenticates the peer there) and the store that applies the deltas are
-elsewhere, so every interleaving can be tested with plain function calls.
+(:meth:`~PeerSession.next_event`). No sockets, no event loop, and the clock is a parameter: the
+QUIC shell that owns the stream and the store that applies the deltas are elsewhere, so every
+interleaving can be tested with plain function calls.
 
 The protocol is symmetric: both sides run this machine, and each both serves what the other lacks
 and receives what it lacks.
 
-* **Handshake.** Each side sends :class:`~rayflow.sync.messages.Hello` (either may start; one that
-  receives a Hello first answers with its own). A Hello of another federation, with our own
-  replica id, or (if ``expected_peer`` is set) from another replica is refused.
-* **Catch-up and push.** After the Hellos each side knows what the other has applied and sends,
+* **Handshake.** Each side sends :class:`~rayflow.sync.messages.Hello` with its replica id, its
+  federation credential and a fresh nonce (either may start; one that receives a Hello first
+  answers with its own). Once a side has both Hellos it sends :class:`~rayflow.sync.messages.Proof`:
+  its signature over the :func:`~rayflow.sync.identity.transcript` of this connection (federation,
+  initiator's and responder's ids and nonces, and the channel binding, the fingerprint of the
+  responder's TLS trust anchor; see :mod:`rayflow.sync.identity`). The peer is identified, and
+  nothing is synced, until its Proof verifies against the federation trust at the clock's time:
+  before that only Hello, Proof and Goodbye are accepted, and nothing else is sent. A Hello of
+  another federation, with our own replica id, whose id is not its credential's, from another
+  replica than ``expected_peer``, or whose credential is not live in the federation (a
+  stranger's, expired, revoked) is refused at once, before this side signs anything for it; a
+  Proof that does not verify (a copied credential without its key, a proof replayed from another
+  connection, a relay through another TLS endpoint, the two sides disagreeing on their roles) is
+  refused too.
+* **Catch-up and push.** After the handshake each side knows what the other has applied and sends,
   in batches read from its log on demand, every delta the other lacks; afterwards new local
   changes are pushed as they come. A replica back from a partition therefore receives only what
   it missed. A sender tracks what the peer has (its Hello, its Acks, what it sent us) and what
@@ -37,18 +48,21 @@ and receives what it lacks.
   :class:`~rayflow.sync.messages.Notify` with its head, so the peer knows it lags.
 
 Errors: bytes from the peer never raise. A malformed or oversized frame, a message out of place,
-a refused Hello, a breach of credit, produce :class:`ProtocolError` then :class:`Closed`, and a
-:class:`~rayflow.sync.messages.Goodbye` is queued for the peer. Methods raise
+a refused Hello or Proof, a breach of credit, produce :class:`ProtocolError` then :class:`Closed`,
+and a :class:`~rayflow.sync.messages.Goodbye` is queued for the peer. Methods raise
 :class:`~rayflow.errors.InvalidInputError` (or :class:`~rayflow.errors.ConfigError`) for a
 misuse by the caller, and pass on whatever the :class:`DeltaSource` raises (a store raises
-:class:`~rayflow.errors.StorageError`). Not thread-safe: one owner drives a session.
+:class:`~rayflow.errors.StorageError`) or the clock raises. A clock that returns something other
+than finite unix seconds closes the session and raises :class:`~rayflow.errors.ConfigError`
+from the call that read it. Not thread-safe: one owner drives a session.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,9 +75,16 @@ from rayflow.errors import (
     RayflowError,
 )
 from rayflow.sync.delta import Delta
+from rayflow.sync.identity import (
+    FederationTrust,
+    ReplicaCredential,
+    ReplicaIdentity,
+    new_nonce,
+    transcript,
+    verify_proof,
+)
 from rayflow.sync.messages import (
     MAX_DELTAS_PER_MESSAGE,
-    MAX_FEDERATION_LENGTH,
     MAX_MESSAGE_BYTES,
     MAX_REASON_LENGTH,
     MAX_WINDOW_BYTES,
@@ -75,6 +96,7 @@ from rayflow.sync.messages import (
     Hello,
     Message,
     Notify,
+    Proof,
     Pull,
     decode_message,
     frame_message,
@@ -88,6 +110,8 @@ DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
 #: Largest batch option accepted: half a frame, so a batch always encodes within one.
 MAX_BATCH_BYTES = MAX_MESSAGE_BYTES // 2
+#: Who opened the transport connection (``role``): the initiator; who accepted it: the responder.
+ROLES = ("initiator", "responder")
 
 
 class DeltaSource(Protocol):
@@ -108,7 +132,7 @@ class DeltaSource(Protocol):
 # --- events -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PeerIdentified:
-    """The peer's Hello was accepted: who it is and what it had applied when it connected."""
+    """The peer proved its identity: who it is and what it had applied when it connected."""
 
     peer_id: str
     peer_applied: VectorClock
@@ -153,7 +177,8 @@ Event = PeerIdentified | DeltasReceived | CaughtUp | ProtocolError | Closed
 class SessionState(enum.Enum):
     NEW = "new"  # nothing sent or received
     HELLO_SENT = "hello_sent"  # our Hello is out, the peer's not yet in
-    ESTABLISHED = "established"  # the peer's Hello was accepted (ours is out too)
+    PROVING = "proving"  # both Hellos exchanged and our Proof out; the peer's Proof not yet verified
+    ESTABLISHED = "established"  # the peer's Proof verified (ours is out too)
     CLOSED = "closed"
 
 
@@ -175,29 +200,56 @@ class SessionStats:
 
 
 class PeerSession:
-    """This replica's state for one connection to one peer replica (sans-IO, symmetric)."""
+    """This replica's state for one connection to one peer replica (sans-IO, symmetric).
+
+    ``identity`` is this replica's credential and key, and names this replica (:attr:`local_id`);
+    ``trust`` is what it pins to recognise its peers, and names the federation. ``role`` is
+    ``"initiator"`` on the side that opened the transport connection and ``"responder"`` on the
+    side that accepted it. ``binding`` is :func:`~rayflow.sync.identity.channel_binding` of the
+    responder's TLS CA certificate: the one the initiator pinned for this peer, or the
+    responder's own. ``clock`` gives unix seconds, against which credentials expire.
+    """
 
     def __init__(
         self,
-        local_id: str,
-        federation: str,
         source: DeltaSource,
         applied: VectorClock,
         *,
+        identity: ReplicaIdentity,
+        trust: FederationTrust,
+        role: str,
+        binding: bytes,
+        clock: Callable[[], float],
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         expected_peer: str | None = None,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     ) -> None:
-        try:
-            validate_replica_id(local_id)
-            if expected_peer is not None:
+        if not isinstance(identity, ReplicaIdentity):
+            raise ConfigError(f"identity must be a ReplicaIdentity, not {type(identity).__name__}")
+        if not isinstance(trust, FederationTrust):
+            raise ConfigError(f"trust must be a FederationTrust, not {type(trust).__name__}")
+        if identity.credential.federation != trust.federation:
+            raise ConfigError(
+                "the replica's credential is of another federation than the one it trusts",
+                credential=identity.credential.federation,
+                trust=trust.federation,
+            )
+        if role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}: {role!r}")
+        if not isinstance(binding, bytes) or len(binding) != 32:
+            raise ConfigError(
+                "binding must be the 32-byte channel_binding() of the responder's CA certificate"
+            )
+        if not callable(clock):
+            raise ConfigError("clock must be a callable returning unix seconds")
+        local_id = identity.replica_id
+        if expected_peer is not None:
+            try:
                 validate_replica_id(expected_peer)
-        except InvalidInputError as exc:
-            raise ConfigError(exc.message) from None
-        if not isinstance(federation, str) or not 0 < len(federation) <= MAX_FEDERATION_LENGTH:
-            raise ConfigError(f"federation must be a string of 1..{MAX_FEDERATION_LENGTH} characters")
+            except InvalidInputError as exc:
+                raise ConfigError(exc.message) from None
         if expected_peer == local_id:
             raise ConfigError("expected_peer is this replica's own id")
         if not callable(getattr(source, "head", None)) or not callable(getattr(source, "deltas_after", None)):
@@ -206,8 +258,11 @@ class PeerSession:
             raise ConfigError(f"applied must be a VectorClock, not {type(applied).__name__}")
         _check_option(window_bytes, MAX_WINDOW_BYTES, "window_bytes")
         _check_option(max_batch_bytes, MAX_BATCH_BYTES, "max_batch_bytes")
+        self._identity = identity
+        self._trust = trust
+        self._role = role
         self.local_id = local_id
-        self.federation = federation
+        self.federation = trust.federation
         self.expected_peer = expected_peer
         self.window_bytes = window_bytes
         self.max_batch_bytes = max_batch_bytes
@@ -216,7 +271,14 @@ class PeerSession:
         self._reader = FrameReader()
         self._out = bytearray()
         self._events: deque[Event] = deque()
+        self._binding = binding
+        self._clock = clock
+        self._nonce = new_nonce()
+        #: The peer's Hello once accepted, and the transcript both sides sign; the peer is
+        #: identified only once its Proof of that transcript verifies.
         self._peer: Hello | None = None
+        self._transcript = b""
+        self._peer_credential: ReplicaCredential | None = None
         self.protocol: int | None = None
 
         # Receiving: what we hold, and the credit we granted.
@@ -267,8 +329,8 @@ class PeerSession:
 
     @property
     def peer_id(self) -> str | None:
-        """The peer's replica id, once its Hello was accepted."""
-        return None if self._peer is None else self._peer.replica_id
+        """The peer's replica id, once its Proof verified."""
+        return None if self._peer_credential is None else self._peer_credential.replica_id
 
     @property
     def peer_known(self) -> VectorClock:
@@ -325,6 +387,10 @@ class PeerSession:
                     return
                 self._messages_received += 1
                 self._handle(decode_message(body))
+        except _ClockError as misuse:
+            # The caller's clock, not the peer, failed: the session cannot go on, and says why.
+            self.close("the local clock failed")
+            raise misuse.error from None
         except RayflowError as error:
             self._fail(error)
 
@@ -388,6 +454,11 @@ class PeerSession:
             return
         if self._peer is None:
             raise InvalidInputError(f"expected a hello first, got {message.TYPE}")
+        if isinstance(message, Proof):
+            self._on_proof(message)
+            return
+        if self._state is not SessionState.ESTABLISHED:
+            raise AuthError(f"the peer sent {message.TYPE} before proving its identity")
         if isinstance(message, Deltas):
             self._on_deltas(message)
         elif isinstance(message, Ack):
@@ -404,6 +475,12 @@ class PeerSession:
             raise InvalidInputError("a second hello in one session")
         if hello.federation != self.federation:
             raise PermissionDeniedError("the peer belongs to another federation", federation=hello.federation)
+        if hello.replica_id != hello.credential.replica_id:
+            raise AuthError(
+                "the peer's hello names another replica than its credential",
+                hello=hello.replica_id,
+                credential=hello.credential.replica_id,
+            )
         if hello.replica_id == self.local_id:
             raise InvalidInputError("the peer has this replica's own id (connected to itself?)")
         if self.expected_peer is not None and hello.replica_id != self.expected_peer:
@@ -412,17 +489,41 @@ class PeerSession:
                 expected=self.expected_peer,
                 got=hello.replica_id,
             )
+        # A stranger's, expired or revoked credential is refused before we sign anything for it
+        # (and, on a responder, before we show it our own credential).
+        self._trust.check(hello.credential, now=self._now())
         self._peer = hello
         self.protocol = min(PROTOCOL_VERSION, hello.protocol)
+        if self._state is SessionState.NEW:
+            self._send_hello()
+        if self._role == "initiator":
+            ids, nonces = (self.local_id, hello.replica_id), (self._nonce, hello.nonce)
+        else:
+            ids, nonces = (hello.replica_id, self.local_id), (hello.nonce, self._nonce)
+        self._transcript = transcript(self.federation, *ids, *nonces, self._binding)
+        self._send(Proof(self._identity.prove(self._transcript)))
+        self._state = SessionState.PROVING
+
+    def _on_proof(self, proof: Proof) -> None:
+        if self._state is not SessionState.PROVING:
+            raise InvalidInputError("a second proof in one session")
+        hello = self._peer
+        assert hello is not None
+        verify_proof(self._trust, hello.credential, self._transcript, proof.signature, now=self._now())
+        self._peer_credential = hello.credential
         self._peer_window = hello.window_bytes
         self._peer_has = hello.applied
         self._cursor = hello.applied
-        if self._state is SessionState.NEW:
-            self._send_hello()
         self._state = SessionState.ESTABLISHED
         self._events.append(PeerIdentified(hello.replica_id, hello.applied))
         self._serve_pending = True
         self._owe_up_to = True
+
+    def _now(self) -> float:
+        now = self._clock()
+        if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+            raise _ClockError(ConfigError(f"the clock returned {now!r}, not unix seconds"))
+        return now
 
     def _on_deltas(self, message: Deltas) -> None:
         delivered: list[Delta] = []
@@ -517,7 +618,17 @@ class PeerSession:
         self._messages_sent += 1
 
     def _send_hello(self) -> None:
-        self._send(Hello(self.local_id, self.federation, PROTOCOL_VERSION, self._durable, self.window_bytes))
+        self._send(
+            Hello(
+                self.local_id,
+                self.federation,
+                PROTOCOL_VERSION,
+                self._durable,
+                self.window_bytes,
+                self._identity.credential,
+                self._nonce,
+            )
+        )
         self._state = SessionState.HELLO_SENT
 
     def _flush_ack(self) -> None:
@@ -627,6 +738,15 @@ class PeerSession:
         self._state = SessionState.CLOSED
         self._reader = FrameReader()
         self._events.append(Closed(reason, initiator))
+
+
+class _ClockError(Exception):
+    """Carries the caller's clock failure through :meth:`PeerSession.receive`, which would
+    otherwise blame the peer for any :class:`RayflowError`."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def _check_option(value: object, high: int, name: str) -> None:

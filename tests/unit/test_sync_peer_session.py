@@ -5,13 +5,19 @@ log, which is all a session reads), and each connection is two :class:`Pipe` s t
 in whatever chunks a test chooses. Every pipe decodes what passes through it, so a test can count
 the deltas shipped, and every link checks on each delta sent that the sender stays within the
 credit the receiver granted (with the acknowledgements the sender had actually received).
+
+Every replica is a member of one federation, whose root (made once for this module) issued its
+credential, so the sessions authenticate each other as in production before they sync; the
+hostile cases of that handshake are in ``test_sync_peer_auth.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 from collections import Counter, deque
+from typing import Any
 
 import msgpack
 import pytest
@@ -27,6 +33,13 @@ from rayflow.errors import (
     RayflowError,
 )
 from rayflow.sync.delta import Delta
+from rayflow.sync.identity import (
+    FederationAuthority,
+    ReplicaIdentity,
+    channel_binding,
+    new_nonce,
+    transcript,
+)
 from rayflow.sync.messages import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -37,6 +50,7 @@ from rayflow.sync.messages import (
     Hello,
     Message,
     Notify,
+    Proof,
     Pull,
     decode_message,
     encode_message,
@@ -55,6 +69,35 @@ from rayflow.sync.vector_clock import VectorClock
 
 FEDERATION = "test-federation"
 V = VectorClock.of
+NOW = 1_800_000_000
+#: The federation's root, generated once for the module; every replica here holds a credential from it.
+AUTHORITY = FederationAuthority.generate(FEDERATION)
+TRUST = AUTHORITY.trust()
+
+
+@functools.cache
+def identity(replica: str) -> ReplicaIdentity:
+    """``replica``'s key and credential (one per replica name, for the whole module)."""
+    return ReplicaIdentity.create(AUTHORITY, replica, "region-1", not_after=NOW + 86_400)
+
+
+def binding(responder: str) -> bytes:
+    """The channel binding of connections to ``responder``: the fingerprint of its CA certificate."""
+    return channel_binding(f"CA certificate of {responder}".encode())
+
+
+def new_session(replica: str, source: Any, role: str, responder: str, /, **options: Any) -> PeerSession:
+    """``replica``'s session, of ``role`` on a connection to (or from) ``responder``; ``options``
+    override any argument."""
+    arguments = {
+        "identity": identity(replica),
+        "trust": TRUST,
+        "role": role,
+        "binding": binding(responder),
+        "clock": lambda: NOW,
+        **options,
+    }
+    return PeerSession(source, source.head(), **arguments)
 
 
 # --- test doubles -----------------------------------------------------------------------------
@@ -173,9 +216,10 @@ class Link:
 
     def __init__(self, mesh: Mesh, a: str, b: str, **options) -> None:
         self.ends = (a, b)
+        # a opened the connection to b.
         self.sessions = {
-            a: PeerSession(a, FEDERATION, mesh.logs[a], mesh.logs[a].head(), expected_peer=b, **options),
-            b: PeerSession(b, FEDERATION, mesh.logs[b], mesh.logs[b].head(), expected_peer=a, **options),
+            a: new_session(a, mesh.logs[a], "initiator", b, expected_peer=b, **options),
+            b: new_session(b, mesh.logs[b], "responder", b, expected_peer=a, **options),
         }
         self.pipes = {(a, b): Pipe(), (b, a): Pipe()}
         #: Delta bytes sent src -> dst and not yet returned by an Ack the sender had received.
@@ -331,7 +375,16 @@ def _frame(body: bytes) -> bytes:
 
 # --- messages ---------------------------------------------------------------------------------
 ALL_MESSAGES = [
-    Hello("r-a", FEDERATION, PROTOCOL_VERSION, V({"r-a": 3, "r-b": 1}), 4096),
+    Hello(
+        "r-a",
+        FEDERATION,
+        PROTOCOL_VERSION,
+        V({"r-a": 3, "r-b": 1}),
+        4096,
+        identity("r-a").credential,
+        b"n" * 32,
+    ),
+    Proof(b"s" * 64),
     Pull(V({"r-a": 2}), 1000),
     Deltas((_delta(), _delta(seq=2)), V({"r-a": 2})),
     Deltas((), None),
@@ -370,6 +423,30 @@ def _hello_wire(**changes) -> dict:
         pytest.param(_hello_wire(applied={"r-a": -1}), id="negative counter"),
         pytest.param(_hello_wire(extra=1), id="extra field"),
         pytest.param(_hello_wire(federation=...), id="missing field"),
+        pytest.param(_hello_wire(credential=...), id="no credential"),
+        pytest.param(_hello_wire(credential=None), id="credential none"),
+        pytest.param(_hello_wire(credential="r-a"), id="credential a string"),
+        pytest.param(_hello_wire(credential=identity("r-a").credential.to_wire()[:5]), id="credential short"),
+        pytest.param(
+            _hello_wire(credential=[*identity("r-a").credential.to_wire()[:5], b""]), id="credential unsigned"
+        ),
+        pytest.param(
+            _hello_wire(credential=[*identity("r-a").credential.to_wire()[:5], b"s" * 63]),
+            id="credential signature short",
+        ),
+        pytest.param(
+            _hello_wire(credential=[FEDERATION, "r-a", "region-1", b"k" * 31, NOW, b"s" * 64]),
+            id="credential key short",
+        ),
+        pytest.param(_hello_wire(nonce=...), id="no nonce"),
+        pytest.param(_hello_wire(nonce=b"n" * 31), id="nonce short"),
+        pytest.param(_hello_wire(nonce=b"n" * 33), id="nonce long"),
+        pytest.param(_hello_wire(nonce="n" * 32), id="nonce a string"),
+        pytest.param({"v": 1, "type": "proof", "signature": b"s" * 63}, id="proof short"),
+        pytest.param({"v": 1, "type": "proof", "signature": "s" * 64}, id="proof a string"),
+        pytest.param({"v": 1, "type": "proof", "signature": None}, id="proof none"),
+        pytest.param({"v": 1, "type": "proof"}, id="proof missing"),
+        pytest.param({"v": 1, "type": "proof", "signature": b"s" * 64, "key": b"k"}, id="proof extra field"),
         pytest.param(
             {"v": 1, "type": "deltas", "deltas": [["r-a", 1, "acme", {}, "text"]], "up_to": None},
             id="delta body not bytes",
@@ -534,8 +611,10 @@ def test_frames_merged_into_one_delivery_are_all_handled():
     mesh = Mesh("r-a", "r-b", max_batch_bytes=50)
     mesh.write("r-a", 10)
     link = mesh.connect("r-a", "r-b")
+    mesh.flush("r-a", "r-b")
+    mesh.deliver("r-a", "r-b")  # a's Hello
     mesh.flush("r-b", "r-a")
-    mesh.deliver("r-b", "r-a")
+    mesh.deliver("r-b", "r-a")  # b's Hello and Proof
     mesh.flush("r-a", "r-b")
     assert sum(isinstance(m, Deltas) for m in link.pipes[("r-a", "r-b")].written) >= 5
     mesh.deliver("r-a", "r-b")  # many frames in one chunk
@@ -559,8 +638,8 @@ def test_a_receiver_that_does_not_apply_stops_the_sender_at_its_window():
     log_a, log_b = InMemoryDeltaLog("r-a"), InMemoryDeltaLog("r-b")
     for _ in range(30):
         log_a.write(b"q" * 60)
-    a = PeerSession("r-a", FEDERATION, log_a, log_a.head())
-    b = PeerSession("r-b", FEDERATION, log_b, log_b.head(), window_bytes=400)
+    a = new_session("r-a", log_a, "initiator", "r-b")
+    b = new_session("r-b", log_b, "responder", "r-b", window_bytes=400)
     a.connect()
     b.receive(a.data_to_send())
     a.receive(b.data_to_send())
@@ -589,7 +668,7 @@ def test_a_receiver_that_does_not_apply_stops_the_sender_at_its_window():
 
 def test_duplicates_and_held_back_deltas_return_their_credit_at_once():
     session, _ = _session(window_bytes=1000)
-    session.receive(_peer_hello())
+    session.receive(_handshake(session))
     duplicate = _delta("r-me", 1)  # the session's own change, which it has
     held_back = _delta("r-peer", 1, context={"r-other": 1})  # waits for r-other:1
     session.receive(frame_message(Deltas((duplicate, held_back), None)))
@@ -600,7 +679,7 @@ def test_duplicates_and_held_back_deltas_return_their_credit_at_once():
 
 def test_delivered_deltas_return_their_credit_once_durable():
     session, log = _session(window_bytes=1000)
-    session.receive(_peer_hello())
+    session.receive(_handshake(session))
     delta = _delta("r-peer", 1)
     session.receive(frame_message(Deltas((delta,), None)))
     assert [e.deltas for e in _events(session) if isinstance(e, DeltasReceived)] == [(delta,)]
@@ -638,14 +717,29 @@ def test_deltas_held_back_or_dropped_by_the_receive_window_are_pulled_again():
 
 
 # --- sessions: hostile or wrong peers -------------------------------------------------------------
+PEER_NONCE = new_nonce()
+
+
 def _session(**options) -> tuple[PeerSession, InMemoryDeltaLog]:
+    """r-me's session, the responder on a connection from r-peer, played by hand."""
     log = InMemoryDeltaLog("r-me")
     log.write()
-    return PeerSession("r-me", FEDERATION, log, log.head(), **options), log
+    return new_session("r-me", log, "responder", "r-me", **options), log
 
 
 def _peer_hello(replica_id: str = "r-peer", federation: str = FEDERATION, window: int = 10_000) -> bytes:
-    return frame_message(Hello(replica_id, federation, PROTOCOL_VERSION, VectorClock(), window))
+    credential = identity(replica_id).credential
+    return frame_message(
+        Hello(replica_id, federation, PROTOCOL_VERSION, VectorClock(), window, credential, PEER_NONCE)
+    )
+
+
+def _handshake(session: PeerSession, peer: str = "r-peer") -> bytes:
+    """Start ``session`` and return what an honest ``peer`` (the initiator) answers: Hello and Proof."""
+    session.connect()
+    [hello] = Pipe().write(session.data_to_send())
+    signed = transcript(FEDERATION, peer, "r-me", PEER_NONCE, hello.nonce, binding("r-me"))
+    return _peer_hello(peer) + frame_message(Proof(identity(peer).prove(signed)))
 
 
 def _assert_refused(session: PeerSession, error_type: type[RayflowError]) -> ProtocolError:
@@ -692,7 +786,7 @@ def test_a_hello_from_another_replica_than_expected_is_refused():
 
 def test_deltas_beyond_the_granted_credit_are_a_protocol_error():
     session, _ = _session(window_bytes=100)
-    session.receive(_peer_hello())
+    session.receive(_handshake(session))
     first, second = _delta("r-peer", 1, b"a" * 60), _delta("r-peer", 2, b"b" * 60)
     session.receive(frame_message(Deltas((first,), None)))  # alone: allowed even if above the window
     session.receive(frame_message(Deltas((second,), None)))
@@ -702,14 +796,14 @@ def test_deltas_beyond_the_granted_credit_are_a_protocol_error():
 
 def test_an_ack_returning_more_credit_than_was_used_is_a_protocol_error():
     session, _ = _session()
-    session.receive(_peer_hello())
+    session.receive(_handshake(session))
     session.receive(frame_message(Ack(VectorClock(), 10)))
     _assert_refused(session, InvalidInputError)
 
 
 def test_a_change_of_ours_we_never_made_is_a_protocol_error():
     session, _ = _session()
-    session.receive(_peer_hello())
+    session.receive(_handshake(session))
     session.receive(frame_message(Deltas((_delta("r-me", 1), _delta("r-me", 2)), None)))
     _assert_refused(session, InvalidInputError)
 
@@ -717,7 +811,7 @@ def test_a_change_of_ours_we_never_made_is_a_protocol_error():
 def test_valid_frames_before_a_bad_one_in_the_same_delivery_are_still_handled():
     session, _ = _session()
     session.receive(
-        _peer_hello() + frame_message(Deltas((_delta("r-peer", 1),), None)) + b"\x00\x00\x00\x01\xc1"
+        _handshake(session) + frame_message(Deltas((_delta("r-peer", 1),), None)) + b"\x00\x00\x00\x01\xc1"
     )
     events = _events(session)
     assert [type(e) for e in events] == [PeerIdentified, DeltasReceived, ProtocolError, Closed]
@@ -725,7 +819,7 @@ def test_valid_frames_before_a_bad_one_in_the_same_delivery_are_still_handled():
 
 def test_a_goodbye_from_the_peer_closes_the_session():
     session, _ = _session()
-    session.receive(_peer_hello() + frame_message(Goodbye("maintenance")))
+    session.receive(_handshake(session) + frame_message(Goodbye("maintenance")))
     events = _events(session)
     assert events[-1] == Closed("maintenance", "peer")
     assert session.data_to_send() == b""
@@ -755,7 +849,16 @@ def test_a_lost_connection_emits_closed_once():
         {"max_batch_bytes": 2**40},
         {"expected_peer": "r-me"},
         {"expected_peer": ""},
+        {"identity": "r-me"},
+        {"trust": FEDERATION},
+        {"trust": FederationAuthority.generate("another-federation").trust()},
+        {"role": "client"},
+        {"role": None},
+        {"binding": b"b" * 31},
+        {"binding": "b" * 32},
+        {"clock": NOW},
     ],
+    ids=repr,
 )
 def test_bad_options_are_refused_with_config_error(options):
     with pytest.raises(ConfigError):
@@ -774,8 +877,7 @@ def test_misuse_by_the_caller_raises_invalid_input():
 @given(st.binary(min_size=1, max_size=200), st.integers(1, 50))
 def test_random_bytes_after_the_hello_never_raise_and_close_with_a_typed_error(data, chunk):
     session, _ = _session()
-    session.connect()
-    session.receive(_peer_hello())
+    session.receive(_handshake(session))
     for offset in range(0, len(data), chunk):
         session.receive(data[offset : offset + chunk])
     events = _events(session)
