@@ -28,6 +28,7 @@ from rayflow.auth.revocation import RevocationList
 from rayflow.auth.verifier import TokenVerifier
 from rayflow.config import Config, load_config
 from rayflow.errors import AuthError, RayflowError
+from rayflow.hub.federated_trust import FederatedKeys, FederatedRevocations, publish_signing_keys
 from rayflow.hub.service import OPS, HubService
 from rayflow.memory.bank import ReasoningBank
 from rayflow.memory.store import AuditRecord
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 #: Audit records are flushed when this many are waiting, or after ``AUDIT_FLUSH_S``.
 AUDIT_BATCH = 256
 AUDIT_FLUSH_S = 0.2
+
 
 def signing_keys_path(state_dir: Path) -> Path:
     """The hub's JWT signing key ring under its state directory."""
@@ -83,10 +85,15 @@ class HubServer:
         self.config = config or load_config({"state_dir": self.state_dir})
         self.bank = ReasoningBank(self.state_dir, config=self.config)
         self.key_ring = KeyRing.load_or_create(signing_keys_path(self.state_dir))
-        self.revocations = RevocationList(revocations_path(self.state_dir))
+        # Tokens hold in every region of a federation: this hub's signing keys are published in
+        # the bank's change log, and a revocation is logged there as well as kept locally.
+        publish_signing_keys(self.key_ring, self.bank.store)
+        self.revocations = FederatedRevocations(
+            RevocationList(revocations_path(self.state_dir)), self.bank.store
+        )
         self.issuer = TokenIssuer(self.key_ring)
         self.verifier = TokenVerifier(
-            self.key_ring,
+            FederatedKeys(self.key_ring, self.bank.store),
             issuer=self.issuer.issuer,
             audience=self.issuer.audience,
             revocations=self.revocations,
@@ -176,7 +183,9 @@ class HubServer:
             try:
                 if writes:
                     loop = asyncio.get_running_loop()
-                    result = await loop.run_in_executor(self._writer, functools.partial(method, claims, **args))
+                    result = await loop.run_in_executor(
+                        self._writer, functools.partial(method, claims, **args)
+                    )
                 else:
                     result = method(claims, **args)
             except RayflowError as error:

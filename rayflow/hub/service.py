@@ -14,8 +14,8 @@ from typing import Any
 from rayflow.auth.authorize import authorize, effective_scopes
 from rayflow.auth.claims import Claims, Scope
 from rayflow.auth.issuer import TokenIssuer
-from rayflow.auth.revocation import RevocationList
 from rayflow.errors import InvalidInputError, ItemNotFoundError, PermissionDeniedError
+from rayflow.hub.federated_trust import FederatedRevocations
 from rayflow.memory.bank import ReasoningBank
 from rayflow.namespace import ROOT, normalize_namespace
 from rayflow.wire.hub_ops import OPS, OpInfo
@@ -33,7 +33,7 @@ class HubService:
         self,
         bank: ReasoningBank,
         issuer: TokenIssuer,
-        revocations: RevocationList,
+        revocations: FederatedRevocations,
         *,
         region: str = "",
         started_at: float | None = None,
@@ -91,7 +91,7 @@ class HubService:
         )
         return [scored_to_wire(r) for r in results]
 
-    def get(self, claims: Claims, *, id: str) -> dict[str, Any]:  # noqa: A002 - the wire name
+    def get(self, claims: Claims, *, id: str) -> dict[str, Any]:
         _require_scope(claims, Scope.READ)
         self._ensure_tenant(claims.tenant)
         item = self.bank.get(claims.tenant, id)
@@ -144,7 +144,11 @@ class HubService:
         self._ensure_tenant(claims.tenant)
         self._check_items_visible(claims, parsed.used_item_ids)
         record = self.bank.record_trajectory(claims.tenant, parsed)
-        return {"id": record.id, "verdict": verdict_to_wire(record.verdict), "item_ids": list(record.item_ids)}
+        return {
+            "id": record.id,
+            "verdict": verdict_to_wire(record.verdict),
+            "item_ids": list(record.item_ids),
+        }
 
     def report_outcome(self, claims: Claims, *, item_ids: list[str], success: bool) -> dict[str, Any]:
         _require_scope(claims, Scope.WRITE)

@@ -175,6 +175,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         # earlier changes, which is what a reader assumes for a NULL context.
         "ALTER TABLE changes ADD COLUMN context BLOB;",
     ),
+    Migration(
+        3,
+        "federation-wide trust: the token signing keys of every replica, and revoked token ids",
+        """
+        CREATE TABLE federation_keys (
+            kid        TEXT PRIMARY KEY,
+            replica    TEXT NOT NULL,
+            public_key BLOB NOT NULL,
+            created_at REAL NOT NULL
+        ) STRICT;
+
+        CREATE TABLE federation_revocations (
+            jti        TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL,
+            reason     TEXT NOT NULL DEFAULT ''
+        ) STRICT;
+        """,
+    ),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version

@@ -17,6 +17,8 @@ replicas that applied the same changes (each in a causal order: a change after e
 * ``counter.set`` takes the per-origin maximum (a grow-only counter per origin).
 * ``item.touch`` keeps the latest ``last_used_at``.
 * links, trajectories, tenants and consolidation runs are insert-once.
+* ``auth.key`` (a replica's token signing public key) and ``auth.revoke`` (a revoked token id)
+  are insert-once too; they belong to the whole federation (scope ``*``), not to a tenant.
 
 Durability: WAL mode; ``durability="full"`` makes every commit fsync before it returns, so an
 acknowledged write survives a crash of the process and of the machine; ``"normal"`` survives a
@@ -55,7 +57,14 @@ CHANGE_KINDS = (
     "link.put",
     "trajectory.put",
     "consolidation.put",
+    "auth.key",
+    "auth.revoke",
 )
+#: The scope (in a change's tenant field) of changes that belong to the whole federation, not
+#: to one tenant: token signing keys and revocations. Not a valid tenant name.
+FEDERATION_SCOPE = "*"
+#: Kinds whose changes are federation-wide (they need no tenant).
+FEDERATION_KINDS = ("auth.key", "auth.revoke")
 #: Local-only request kinds, turned into a logged change inside the write transaction.
 #: ``counter.add`` increments this replica's counters: the log records the resulting absolute
 #: per-origin values (``counter.set``) so that applying it anywhere, any number of times, agrees.
@@ -258,10 +267,12 @@ class Store:
         for mutation in mutations:
             if mutation.kind not in REQUEST_KINDS:
                 raise InvalidInputError(f"unknown change kind {mutation.kind!r}")
+            if (mutation.kind in FEDERATION_KINDS) != (tenant == FEDERATION_SCOPE):
+                raise InvalidInputError(f"{mutation.kind!r} changes belong to the scope {FEDERATION_SCOPE!r} only")
         with self._write_lock:
             applied = dict(self._applied)
             with self._write_transaction() as conn:
-                if mutations[0].kind != "tenant.put":
+                if mutations[0].kind != "tenant.put" and tenant != FEDERATION_SCOPE:
                     _require_tenant(conn, tenant)
                 (seq,) = conn.execute(
                     "SELECT coalesce(max(seq), 0) FROM changes WHERE replica_id = ?", (self.replica_id,)
@@ -309,8 +320,10 @@ class Store:
                     ).fetchone()
                     if seen:
                         continue
+                    if (change.kind in FEDERATION_KINDS) != (change.tenant == FEDERATION_SCOPE):
+                        raise InvalidInputError(f"a {change.kind!r} change in the wrong scope", scope=change.tenant)
                     self.clock.observe(HLCTimestamp.unpack(change.hlc))
-                    if change.kind != "tenant.put":
+                    if change.kind != "tenant.put" and change.tenant != FEDERATION_SCOPE:
                         _require_tenant(conn, change.tenant)
                     _append_change(conn, change)
                     _APPLY[change.kind](conn, change)
@@ -444,6 +457,8 @@ _DIGEST_QUERIES = (
     "SELECT src_id, dst_id, kind, tenant, created_at, note FROM links ORDER BY src_id, dst_id, kind",
     "SELECT * FROM trajectories ORDER BY id",
     "SELECT * FROM consolidation_runs ORDER BY id",
+    "SELECT kid, replica, public_key, created_at FROM federation_keys ORDER BY kid",
+    "SELECT jti, expires_at, reason FROM federation_revocations ORDER BY jti",
 )
 
 
@@ -688,6 +703,25 @@ def _apply_consolidation_put(conn: apsw.Connection, change: Change) -> None:
     )
 
 
+def _apply_auth_key(conn: apsw.Connection, change: Change) -> None:
+    p = change.payload
+    key = p.get("public_key")
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise InvalidInputError("an auth.key change carries a 32-byte Ed25519 public key", kid=change.entity_id)
+    conn.execute(
+        "INSERT OR IGNORE INTO federation_keys(kid, replica, public_key, created_at) VALUES (?, ?, ?, ?)",
+        (change.entity_id, change.replica_id, key, float(p.get("created_at", 0.0))),
+    )
+
+
+def _apply_auth_revoke(conn: apsw.Connection, change: Change) -> None:
+    p = change.payload
+    conn.execute(
+        "INSERT OR IGNORE INTO federation_revocations(jti, expires_at, reason) VALUES (?, ?, ?)",
+        (change.entity_id, float(p.get("expires_at", 0.0)), str(p.get("reason", ""))[:500]),
+    )
+
+
 _APPLY: dict[str, Callable[[apsw.Connection, Change], None]] = {
     "tenant.put": _apply_tenant_put,
     "item.put": _apply_item_put,
@@ -697,6 +731,8 @@ _APPLY: dict[str, Callable[[apsw.Connection, Change], None]] = {
     "link.put": _apply_link_put,
     "trajectory.put": _apply_trajectory_put,
     "consolidation.put": _apply_consolidation_put,
+    "auth.key": _apply_auth_key,
+    "auth.revoke": _apply_auth_revoke,
 }
 assert set(_APPLY) == set(CHANGE_KINDS)
 
