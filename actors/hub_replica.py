@@ -20,12 +20,15 @@ machine uses; sandboxes then reach it through their gateway as before.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import ray
 
 from actors.placement import pin_to_region
+from rayflow.hub.federation import PeerAddress
 from rayflow.hub.server import HubServer
+from rayflow.sync.identity import FederationTrust, ReplicaCredential
 from rayflow.wire.hub_endpoint import HubEndpoint
 
 #: Ray namespace of rayflow's named actors.
@@ -82,6 +85,30 @@ class HubReplica:
     ) -> str:
         """Mint a token for a sandbox (the coordinator calls this; it is inside the cluster's trust)."""
         return (await self._ready()).issue_token(sub, tenant, namespaces, scopes, ttl_s)
+
+    # -- federation (the operator's side is actors.federation.federate_hubs) ---------------------
+    async def federation_key(self) -> tuple[str, bytes]:
+        """(replica id, public key) of this replica, for the operator to sign a credential."""
+        return (await self._ready()).federation_key()
+
+    async def join_federation(self, credential: ReplicaCredential, trust: FederationTrust) -> PeerAddress:
+        """Join with the operator's credential; returns where peers reach this replica."""
+        return await (await self._ready()).join_federation(credential, trust)
+
+    async def add_peer(self, peer: PeerAddress) -> None:
+        """Keep a sync connection to ``peer`` (remembered across restarts of this actor)."""
+        await (await self._ready()).add_peer(peer)
+
+    async def federation_status(self) -> dict[str, Any]:
+        """The peers this replica knows, its bank's version vector and state digest."""
+        server = await self._ready()
+        node = server.federation
+        return {
+            "replica_id": server.bank.store.replica_id,
+            "peers": {} if node is None else {k: dataclasses.asdict(v) for k, v in node.peers().items()},
+            "version_vector": server.bank.store.version_vector(),
+            "digest": server.bank.store.state_digest(),
+        }
 
     async def stop(self) -> None:
         """Close the QUIC server and the bank cleanly (before the actor is killed on purpose)."""

@@ -130,6 +130,20 @@ class Swarm:
         ray.get(actor.endpoint.remote())
         return actor
 
+    def federate(self, regions: list[str], *, federation: str = "rayflow") -> dict[str, Any]:
+        """Make the hub replicas of ``regions`` (each started, e.g. by a ``Swarm`` of that
+        region) one federation and connect them in a full mesh (pattern C on one cluster).
+
+        The federation's root key is made on first use and kept with the operator, in this
+        driver's state directory (``federation/<name>.root``); each replica's own key stays on
+        its node. Returns each region's sync address.
+        """
+        from actors.federation import federate_hubs
+        from rayflow.hub.federation_state import load_or_create_authority
+
+        authority = load_or_create_authority(self.state_dir / "federation" / f"{federation}.root", federation)
+        return federate_hubs(regions, authority)
+
     def endpoint(self) -> HubEndpoint:
         """The hub's address, CA and region (for a notebook that wants its own client)."""
         import ray

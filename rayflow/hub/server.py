@@ -27,14 +27,17 @@ from rayflow.auth.keys import KeyRing
 from rayflow.auth.revocation import RevocationList
 from rayflow.auth.verifier import TokenVerifier
 from rayflow.config import Config, load_config
-from rayflow.errors import AuthError, RayflowError
+from rayflow.errors import AuthError, ConfigError, RayflowError
 from rayflow.hub.federated_trust import FederatedKeys, FederatedRevocations, publish_signing_keys
+from rayflow.hub.federation import FederationNode, PeerAddress
+from rayflow.hub.federation_state import FederationFiles
 from rayflow.hub.service import OPS, HubService
 from rayflow.memory.bank import ReasoningBank
 from rayflow.memory.store import AuditRecord
 from rayflow.rpc.dispatch import CallContext, Dispatcher
 from rayflow.rpc.quic_server import RpcServer
 from rayflow.rpc.tls import verified_name
+from rayflow.sync.identity import FederationTrust, ReplicaCredential, ReplicaIdentity
 from rayflow.wire.hub_endpoint import HubEndpoint
 
 logger = logging.getLogger(__name__)
@@ -107,6 +110,10 @@ class HubServer:
         # method of the same name.
         for op, info in OPS.items():
             dispatcher.register(op, self._handler(op), args=info.args, idempotent=info.idempotent)
+        self._server_names = server_names
+        self.federation_files = FederationFiles(self.state_dir)
+        #: This replica's federation endpoint once it joined one (:meth:`join_federation`).
+        self.federation: FederationNode | None = None
         self.rpc = RpcServer(
             dispatcher,
             host=host,
@@ -121,8 +128,17 @@ class HubServer:
         await self.rpc.start()
         self._audit_task = asyncio.get_running_loop().create_task(self._audit_flusher())
         logger.info("hub %s listening on %s:%d", self.region or "-", *self.address)
+        # A replica that joined a federation before (and was restarted) rejoins it by itself.
+        membership = self.federation_files.membership()
+        if membership is not None:
+            await self._start_federation(*membership)
+            for peer in self.federation_files.peers():
+                self.federation.add_peer(peer)  # type: ignore[union-attr]
 
     async def close(self) -> None:
+        if self.federation is not None:
+            await self.federation.close()
+            self.federation = None
         await self.rpc.close()
         if self._audit_task is not None:
             self._audit_task.cancel()
@@ -139,6 +155,56 @@ class HubServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    # --- federation -------------------------------------------------------------------------
+    def federation_key(self) -> tuple[str, bytes]:
+        """(replica id, public key) for the operator to sign a credential; the key pair is made
+        and kept in this hub's state directory."""
+        return self.bank.store.replica_id, self.federation_files.public_key()
+
+    async def join_federation(self, credential: ReplicaCredential, trust: FederationTrust) -> PeerAddress:
+        """Become a member with the operator's ``credential`` (for this hub's key) and ``trust``;
+        returns where peers reach this replica's sync endpoint. Remembered across restarts."""
+        if credential.replica_id != self.bank.store.replica_id:
+            raise ConfigError("the credential names another replica", replica=credential.replica_id)
+        identity = self.federation_files.save_membership(credential, trust)
+        if self.federation is not None:
+            await self.federation.close()
+            self.federation = None
+        await self._start_federation(identity, trust)
+        assert self.federation is not None
+        return self.federation.peer_address()
+
+    async def add_peer(self, peer: PeerAddress) -> None:
+        """Keep a sync connection to ``peer`` (remembered across restarts)."""
+        if self.federation is None:
+            raise ConfigError("this hub has not joined a federation")
+        peers = [known for known in self.federation_files.peers() if known.replica_id != peer.replica_id]
+        self.federation_files.save_peers([*peers, peer])
+        self.federation.add_peer(peer)
+
+    async def _start_federation(self, identity: ReplicaIdentity, trust: FederationTrust) -> None:
+        host = self.address[0]
+        port_file = self.federation_files.dir / "sync-port"
+        port = int(port_file.read_text()) if port_file.is_file() else 0
+        node = FederationNode(
+            self.bank.store,
+            identity,
+            trust,
+            tls_dir=str(self.state_dir / "tls"),
+            host=host,
+            port=port,
+            server_names=self._server_names,
+        )
+        try:
+            await node.start()
+        except OSError:
+            # The port it had before a restart is taken: peers learn the new one when they are
+            # told again (this replica still dials them at their known addresses).
+            node.port = 0
+            await node.start()
+        port_file.write_text(str(node.address[1]))
+        self.federation = node
 
     @property
     def address(self) -> tuple[str, int]:

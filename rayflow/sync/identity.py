@@ -158,6 +158,15 @@ class FederationTrust:
         _name(self.federation, "federation")
         _raw(self.root_public_key, PUBLIC_KEY_BYTES, "the federation root key")
 
+    def to_wire(self) -> list[Any]:
+        return [self.federation, self.root_public_key, sorted(self.revoked)]
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> FederationTrust:
+        if not isinstance(obj, (list, tuple)) or len(obj) != 3 or not isinstance(obj[2], (list, tuple)):
+            raise InvalidInputError("a federation trust is [federation, root key, revoked replicas]")
+        return cls(obj[0], obj[1], frozenset(validate_replica_id(r) for r in obj[2]))
+
     def check(self, credential: ReplicaCredential, *, now: float) -> None:
         """Raise :class:`AuthError` unless ``credential`` is a live credential of this federation."""
         if credential.federation != self.federation:

@@ -129,3 +129,11 @@ def test_keys_survive_a_round_trip_through_bytes(authority, members):
 def test_malformed_credentials_are_typed_errors(wire):
     with pytest.raises(InvalidInputError):
         ReplicaCredential.from_wire(wire)
+
+
+def test_a_trust_round_trips_and_malformed_ones_are_typed_errors(authority):
+    trust = authority.trust(revoked=frozenset({"hub-b", "hub-a"}))
+    assert type(trust).from_wire(trust.to_wire()) == trust
+    for wire in (None, [], ["f", b"\0" * 32], ["f", b"short", []], ["f", b"\0" * 32, [""]], ["f", b"\0" * 32, "x"]):
+        with pytest.raises(InvalidInputError):
+            type(trust).from_wire(wire)
