@@ -5,8 +5,8 @@ jobs are submitted from the host with ``ray job submit`` and run :mod:`tests.iso
 head node, which prints what it saw; the tests judge it. Docker sandboxes, the real hub, the demo's
 fixing agent: pattern A across both regions (coordinator on the node the driver is not on,
 repository only in the object store), learning through the hub, pattern B, a worker killed mid-job,
-a node killed mid-job (``clusters.local kill-node``, last: the node stays down), and a hub replica
-restarted on its node. One cluster for the module.
+a hub replica restarted on its node, the region hubs federating across the link, and a node
+killed mid-job (``clusters.local kill-node``, last: the node stays down). One cluster for the module.
 """
 
 from __future__ import annotations
@@ -111,6 +111,18 @@ def test_a_hub_replica_restarted_on_its_node_serves_every_acknowledged_item_from
     assert (
         seen["driver_node"] == seen["nodes"]["us-west"] and not seen["driver_sees_bank"]
     )  # ... not the head's
+
+
+def test_the_region_hubs_federate_across_the_link_and_converge(cluster: dict[str, Any]) -> None:
+    seen = run(cluster, "federation")
+
+    nodes = {node["region"]: node["address"] for node in cluster["status"]["nodes"]}
+    assert seen["sync_hosts"] == nodes  # each replica syncs from its own node's address
+    assert len(set(seen["digests"].values())) == 1, seen["digests"]
+    vectors = list(seen["vectors"].values())
+    assert vectors[0] == vectors[1] and sum(vectors[0].values()) >= sum(seen["written"].values())
+    assert all(any(peer["identified"] for peer in peers.values()) for peers in seen["peers"].values())
+    assert seen["token_served_in_other_region"]
 
 
 def test_a_node_killed_mid_job_still_gives_every_subtask_once(cluster: dict[str, Any]) -> None:
