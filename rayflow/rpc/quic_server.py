@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -52,6 +52,25 @@ def send_side_done(quic: QuicConnection, stream_id: int) -> bool:
     """
     stream = quic._streams.get(stream_id)
     return stream is None or stream.sender.is_finished
+
+
+async def listen_quic(
+    host: str, port: int, make_server: Callable[[], QuicServer]
+) -> tuple[QuicServer, tuple[str, int]]:
+    """Bind a UDP socket at ``host:port`` (0: any free port) and serve QUIC on it; returns the
+    server and the address really bound. A port in use raises :class:`OSError`."""
+    loop = asyncio.get_running_loop()
+    family, _, _, _, sockaddr = (await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM))[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    server = make_server()
+    await loop.create_datagram_endpoint(lambda: server, sock=sock)
+    bound = sock.getsockname()
+    return server, (bound[0], bound[1])
 
 
 class _ServerConnectionProtocol(QuicConnectionProtocol):
@@ -268,27 +287,16 @@ class RpcServer:
         """Generate or load TLS material and start listening."""
         if self._quic_server is not None:
             raise RuntimeError("the server is already started")
-        configuration = self._configuration()
-        loop = asyncio.get_running_loop()
-        family, _, _, _, sockaddr = (await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM))[0]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(sockaddr)
-        except OSError:
-            sock.close()
-            raise
-        _, protocol = await loop.create_datagram_endpoint(
+        self._quic_server, self._address = await listen_quic(
+            self.host,
+            self.port,
             lambda: QuicServer(
-                configuration=configuration,
+                configuration=self._configuration(),
                 create_protocol=self._create_protocol,
                 session_ticket_fetcher=self.tickets.pop,
                 session_ticket_handler=self.tickets.add,
             ),
-            sock=sock,
         )
-        self._quic_server = protocol
-        bound = sock.getsockname()
-        self._address = (bound[0], bound[1])
 
     def _create_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> _ServerConnectionProtocol:
         return _ServerConnectionProtocol(quic, stream_handler, server=self)

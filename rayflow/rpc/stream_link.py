@@ -32,6 +32,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from rayflow.errors import TransportError
+from rayflow.rpc.quic_server import listen_quic
 from rayflow.rpc.tls import ensure_server_tls
 
 logger = logging.getLogger(__name__)
@@ -191,20 +192,11 @@ class StreamLinkServer:
             max_stream_data=STREAM_WINDOW_BYTES,
         )
         configuration.load_cert_chain(tls_files.server_cert_path, tls_files.server_key_path)
-        loop = asyncio.get_running_loop()
-        family, _, _, _, sockaddr = (await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM))[0]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(sockaddr)
-        except OSError:
-            sock.close()
-            raise
-        _, protocol = await loop.create_datagram_endpoint(
-            lambda: QuicServer(configuration=configuration, create_protocol=self._create_protocol), sock=sock
+        self._server, self._address = await listen_quic(
+            self.host,
+            self.port,
+            lambda: QuicServer(configuration=configuration, create_protocol=self._create_protocol),
         )
-        self._server = protocol
-        bound = sock.getsockname()
-        self._address = (bound[0], bound[1])
 
     def _create_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> _LinkProtocol:
         protocol = _LinkProtocol(quic, stream_handler)

@@ -26,7 +26,6 @@ What the messages mean is :mod:`rayflow.sync.peer_session`'s business; in short:
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,13 +35,13 @@ from rayflow.errors import InvalidInputError, PayloadTooLargeError
 from rayflow.sync.delta import MAX_DELTA_BYTES, Delta
 from rayflow.sync.identity import NONCE_BYTES, SIGNATURE_BYTES, ReplicaCredential
 from rayflow.sync.vector_clock import MAX_REPLICAS, VectorClock, validate_replica_id
+from rayflow.wire.framing import FrameSplitter, frame
 
 #: Version of this wire format, carried by every message. :class:`Hello` is always readable by
 #: version 1, so a future version can be negotiated from it.
 PROTOCOL_VERSION = 1
 #: Largest frame body (one encoded message). One largest delta always fits in a Deltas message.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-HEADER_BYTES = 4
 #: Largest credit (window) one side may grant or return at once.
 MAX_WINDOW_BYTES = 1 << 30
 #: Most deltas one Deltas message may carry.
@@ -52,7 +51,6 @@ MAX_REASON_LENGTH = 1024
 #: Highest protocol version a Hello may announce (a bound, not a promise of support).
 MAX_ANNOUNCED_PROTOCOL = 1 << 16
 
-_HEADER = struct.Struct(">I")
 _ENVELOPE_KEYS = frozenset({"v", "type"})
 _UNPACK_LIMITS = {
     "max_bin_len": MAX_DELTA_BYTES,
@@ -339,8 +337,7 @@ def encode_message(message: Message) -> bytes:
 
 def frame_message(message: Message) -> bytes:
     """``message`` as one frame of the byte stream: length header, then body."""
-    body = encode_message(message)
-    return _HEADER.pack(len(body)) + body
+    return frame(encode_message(message), MAX_MESSAGE_BYTES)
 
 
 def decode_message(body: bytes) -> Message:
@@ -367,58 +364,7 @@ def decode_message(body: bytes) -> Message:
     return cls.from_wire({key: item for key, item in value.items() if key not in _ENVELOPE_KEYS})
 
 
-class FrameReader:
-    """Incremental reader of length-prefixed frames from a byte stream: bytes in, bodies out.
-
-    A declared length above ``max_frame_bytes`` raises :class:`PayloadTooLargeError` from the
-    header alone, before the body is buffered. :meth:`push` and :meth:`pop` let a caller act on
-    each frame before the next one is parsed (a bad frame then costs only itself and what follows).
-    """
-
-    def __init__(self, max_frame_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.max_frame_bytes = max_frame_bytes
-        self._buffer = bytearray()
-        self._declared: int | None = None
-
-    @property
-    def buffered_bytes(self) -> int:
-        return len(self._buffer)
-
-    @property
-    def at_frame_boundary(self) -> bool:
-        """True when no partial frame is buffered."""
-        return not self._buffer and self._declared is None
-
-    def push(self, data: bytes) -> None:
-        """Add bytes received from the stream."""
-        self._buffer += data
-
-    def pop(self) -> bytes | None:
-        """The next complete frame body, or None until more bytes arrive."""
-        if self._declared is None:
-            if len(self._buffer) < HEADER_BYTES:
-                return None
-            (declared,) = _HEADER.unpack_from(self._buffer)
-            if declared > self.max_frame_bytes:
-                self._buffer.clear()
-                raise PayloadTooLargeError(
-                    f"frame of {declared} bytes exceeds the limit of {self.max_frame_bytes}",
-                    size=declared,
-                    limit=self.max_frame_bytes,
-                )
-            self._declared = declared
-            del self._buffer[:HEADER_BYTES]
-        if len(self._buffer) < self._declared:
-            return None
-        body = bytes(self._buffer[: self._declared])
-        del self._buffer[: self._declared]
-        self._declared = None
-        return body
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return the frame bodies it completes, in order."""
-        self.push(data)
-        bodies: list[bytes] = []
-        while (body := self.pop()) is not None:
-            bodies.append(body)
-        return bodies
+def frame_reader(max_frame_bytes: int = MAX_MESSAGE_BYTES) -> FrameSplitter:
+    """The incremental reader of a sync byte stream: the wall's length-prefixed framing, with the
+    sync protocol's frame limit (an oversize length is refused from the header alone)."""
+    return FrameSplitter(max_frame_bytes)

@@ -91,7 +91,6 @@ from rayflow.sync.messages import (
     PROTOCOL_VERSION,
     Ack,
     Deltas,
-    FrameReader,
     Goodbye,
     Hello,
     Message,
@@ -100,6 +99,7 @@ from rayflow.sync.messages import (
     Pull,
     decode_message,
     frame_message,
+    frame_reader,
 )
 from rayflow.sync.receive_window import DEFAULT_MAX_BUFFERED, DEFAULT_MAX_BUFFERED_BYTES, ReceiveWindow
 from rayflow.sync.vector_clock import VectorClock, validate_replica_id
@@ -268,7 +268,7 @@ class PeerSession:
         self.max_batch_bytes = max_batch_bytes
         self._source = source
         self._state = SessionState.NEW
-        self._reader = FrameReader()
+        self._reader = frame_reader()
         self._out = bytearray()
         self._events: deque[Event] = deque()
         self._binding = binding
@@ -379,14 +379,13 @@ class PeerSession:
             raise InvalidInputError(f"receive() takes bytes, not {type(data).__name__}")
         if self.closed:
             return
-        self._reader.push(data)
         try:
-            while not self.closed:
-                body = self._reader.pop()
-                if body is None:
-                    return
+            # One frame at a time: a bad frame then costs only itself and what follows it.
+            bodies = self._reader.feed(bytes(data), max_frames=1)
+            while bodies and not self.closed:
                 self._messages_received += 1
-                self._handle(decode_message(body))
+                self._handle(decode_message(bodies[0]))
+                bodies = self._reader.feed(b"", max_frames=1)
         except _ClockError as misuse:
             # The caller's clock, not the peer, failed: the session cannot go on, and says why.
             self.close("the local clock failed")
@@ -736,7 +735,7 @@ class PeerSession:
 
     def _close(self, reason: str, initiator: str) -> None:
         self._state = SessionState.CLOSED
-        self._reader = FrameReader()
+        self._reader = frame_reader()
         self._events.append(Closed(reason, initiator))
 
 

@@ -4,12 +4,9 @@ tokens) federating over a real sync link on loopback, each on its own event loop
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
@@ -19,6 +16,7 @@ from rayflow.hub.federation import FederationNode
 from rayflow.hub.server import HubServer
 from rayflow.sync.identity import FederationAuthority, ReplicaIdentity
 from rayflow.wire.hub_client import SyncHubClient
+from tests.loop_support import LoopThread, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +24,11 @@ RW = ["reasoningbank:read", "reasoningbank:write"]
 LATER = int(time.time()) + 3600
 
 
-class Region:
+class Region(LoopThread):
     """A hub and its federation node on an event loop of their own."""
 
     def __init__(self, root: Path, name: str, authority: FederationAuthority) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        super().__init__()
         self.hub = HubServer(root / name, region=name)
         identity = ReplicaIdentity.create(authority, self.hub.bank.store.replica_id, name, not_after=LATER)
         self.node = FederationNode(
@@ -41,23 +37,13 @@ class Region:
         self.call(self.hub.start())
         self.call(self.node.start())
 
-    def call(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
-
-    def run(self, function: Callable[[], Any]) -> Any:
-        async def inside() -> Any:
-            return function()
-
-        return self.call(inside())
-
     def client(self, token: str) -> SyncHubClient:
         return SyncHubClient.for_endpoint(self.hub.endpoint, token=token)
 
     def stop(self) -> None:
         self.call(self.node.close())
         self.call(self.hub.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
+        self.stop_loop()
 
 
 def accepted(region: Region, token: str) -> bool:
@@ -68,15 +54,6 @@ def accepted(region: Region, token: str) -> bool:
     except AuthError:
         return False
     return True
-
-
-def eventually(condition: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)  # polling the other region's progress
-    return condition()
 
 
 @pytest.fixture

@@ -8,10 +8,9 @@ and restarted from its disk catches up with what it missed; a replica of another
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from rayflow.hub.federation import FederationNode, PeerAddress
 from rayflow.ids import new_id
 from rayflow.memory.store import Mutation, Store
 from rayflow.sync.identity import FederationAuthority, ReplicaIdentity
+from tests.loop_support import LoopThread, eventually
 from tests.store_support import item_payload
 
 pytestmark = pytest.mark.integration
@@ -29,47 +29,26 @@ LATER = int(time.time()) + 3600
 CONVERGE_S = 60.0
 
 
-class NodeThread:
+class NodeThread(LoopThread):
     """A FederationNode on an event loop of its own thread; its store is written from the test."""
 
     def __init__(
         self, root: Path, identity: ReplicaIdentity, authority: FederationAuthority, **trust: Any
     ) -> None:
+        super().__init__()
         self.store = Store(root / f"{identity.replica_id}.sqlite3", replica_id=identity.replica_id)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.node = FederationNode(
             self.store, identity, authority.trust(**trust), tls_dir=str(root / f"{identity.replica_id}-tls")
         )
         self.call(self.node.start())
-
-    def call(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
-
-    def run(self, function: Callable[[], Any]) -> Any:
-        async def inside() -> Any:
-            return function()
-
-        return self.call(inside())
 
     def add_peer(self, peer: PeerAddress) -> None:
         self.run(lambda: self.node.add_peer(peer))
 
     def stop(self) -> None:
         self.call(self.node.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
+        self.stop_loop()
         self.store.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = CONVERGE_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)  # polling other threads' progress
-    return condition()
 
 
 def write_some(store: Store, count: int) -> None:
@@ -109,20 +88,20 @@ def converged(nodes: dict[str, NodeThread]) -> bool:
 
 
 def test_concurrent_writes_on_three_replicas_converge_to_one_digest(mesh):
-    assert wait_until(lambda: all(n.store.version_vector().get("hub-us") for n in mesh.values()))
+    assert eventually(lambda: all(n.store.version_vector().get("hub-us") for n in mesh.values()))
     writers = [threading.Thread(target=write_some, args=(node.store, 25)) for node in mesh.values()]
     for writer in writers:
         writer.start()
     for writer in writers:
         writer.join()
-    assert wait_until(lambda: converged(mesh)), {n: x.store.version_vector() for n, x in mesh.items()}
+    assert eventually(lambda: converged(mesh)), {n: x.store.version_vector() for n, x in mesh.items()}
     assert all(sum(n.store.version_vector().values()) == 1 + 3 * 50 for n in mesh.values())
     statuses = mesh["hub-us"].run(mesh["hub-us"].node.peers)
     assert {s.replica_id for s in statuses.values() if s.identified} == {"hub-eu", "hub-ap"}
 
 
 def test_a_replica_restarted_from_its_disk_catches_up_with_what_it_missed(mesh, tmp_path, authority):
-    assert wait_until(lambda: converged(mesh))
+    assert eventually(lambda: converged(mesh))
     eu = mesh.pop("hub-eu")
     identity = eu.node.identity
     eu.stop()
@@ -132,13 +111,13 @@ def test_a_replica_restarted_from_its_disk_catches_up_with_what_it_missed(mesh, 
     mesh["hub-eu"] = back
     for name in ("hub-us", "hub-ap"):
         back.add_peer(mesh[name].run(mesh[name].node.peer_address))
-    assert wait_until(lambda: converged(mesh))
+    assert eventually(lambda: converged(mesh))
     assert back.store.version_vector()["hub-us"] == mesh["hub-us"].store.version_vector()["hub-us"]
 
 
 def test_a_stranger_or_a_revoked_replica_gets_nothing_and_gives_nothing(mesh, tmp_path, authority):
     us = mesh["hub-us"]
-    assert wait_until(lambda: converged(mesh))
+    assert eventually(lambda: converged(mesh))
     write_some(us.store, 3)
     other_authority = FederationAuthority.generate("acme-federation")
     stranger = NodeThread(tmp_path, ReplicaIdentity.create(other_authority, "hub-x", "us-west", not_after=LATER),
@@ -151,7 +130,7 @@ def test_a_stranger_or_a_revoked_replica_gets_nothing_and_gives_nothing(mesh, tm
         us.node.trust = authority.trust(revoked=frozenset({"hub-r"}))
         for outsider in (stranger, revoked):
             outsider.add_peer(us.run(us.node.peer_address))
-        assert wait_until(lambda: all(
+        assert eventually(lambda: all(
             outsider.run(outsider.node.peers)[us.node.identity.replica_id].last_error for outsider in (stranger, revoked)
         ))  # fmt: skip
         assert stranger.store.version_vector() == {} and revoked.store.version_vector() == {}

@@ -8,28 +8,18 @@ rejoins from its own disk and catches up with what was written while it was down
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from rayflow.errors import AuthError
 from rayflow.wire.hub_client import SyncHubClient
+from tests.loop_support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RW = ["reasoningbank:read", "reasoningbank:write"]
 REGIONS = ["us-west", "eu-central"]
-
-
-def eventually(condition: Callable[[], bool], timeout_s: float = 90.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)  # polling the replicas' progress
-    return condition()
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ from rayflow.sync.messages import (
     PROTOCOL_VERSION,
     Ack,
     Deltas,
-    FrameReader,
     Goodbye,
     Hello,
     Message,
@@ -40,6 +39,7 @@ from rayflow.sync.messages import (
     Pull,
     decode_message,
     frame_message,
+    frame_reader,
 )
 from rayflow.sync.peer_session import (
     Closed,
@@ -87,7 +87,7 @@ def _session(me: ReplicaIdentity = EU, role: str = "responder", **options: Any) 
 
 
 def _messages(data: bytes) -> list[Message]:
-    return [decode_message(body) for body in FrameReader().feed(data)]
+    return [decode_message(body) for body in frame_reader().feed(data)]
 
 
 def _events(session: PeerSession) -> list[object]:

@@ -45,7 +45,6 @@ from rayflow.sync.messages import (
     PROTOCOL_VERSION,
     Ack,
     Deltas,
-    FrameReader,
     Goodbye,
     Hello,
     Message,
@@ -55,6 +54,7 @@ from rayflow.sync.messages import (
     decode_message,
     encode_message,
     frame_message,
+    frame_reader,
 )
 from rayflow.sync.peer_session import (
     CaughtUp,
@@ -175,7 +175,7 @@ class Pipe:
 
     def __init__(self) -> None:
         self._bytes = bytearray()
-        self._reader = FrameReader()
+        self._reader = frame_reader()
         self._frames: deque[tuple[int, Message]] = deque()
         self._parsed = 0
         self._delivered = 0
@@ -186,9 +186,8 @@ class Pipe:
 
     def write(self, data: bytes) -> list[Message]:
         self._bytes += data
-        self._reader.push(data)
         new = []
-        while (body := self._reader.pop()) is not None:
+        for body in self._reader.feed(data):
             self._parsed += 4 + len(body)
             message = decode_message(body)
             self._frames.append((self._parsed, message))
@@ -397,7 +396,7 @@ ALL_MESSAGES = [
 @pytest.mark.parametrize("message", ALL_MESSAGES, ids=lambda m: type(m).__name__)
 def test_every_message_survives_encoding(message):
     assert decode_message(encode_message(message)) == message
-    assert FrameReader().feed(frame_message(message)) == [encode_message(message)]
+    assert frame_reader().feed(frame_message(message)) == [encode_message(message)]
 
 
 def _hello_wire(**changes) -> dict:
@@ -468,7 +467,7 @@ def test_decoding_refuses_a_body_above_the_message_limit():
 
 
 def test_frame_reader_refuses_an_oversize_length_from_the_header_alone():
-    reader = FrameReader()
+    reader = frame_reader()
     with pytest.raises(PayloadTooLargeError):
         reader.feed(struct.pack(">I", MAX_MESSAGE_BYTES + 1))
     assert reader.buffered_bytes == 0
@@ -497,7 +496,7 @@ def test_decoding_corrupted_messages_raises_only_invalid_input(message, data):
 @given(st.lists(st.sampled_from(ALL_MESSAGES), max_size=8), st.lists(st.integers(1, 40), max_size=50))
 def test_frames_split_and_merged_anyhow_come_out_whole_and_in_order(messages, cuts):
     stream = b"".join(frame_message(m) for m in messages)
-    reader = FrameReader()
+    reader = frame_reader()
     bodies = []
     offset = 0
     for size in itertools.chain(cuts, [len(stream)]):
