@@ -193,6 +193,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) STRICT;
         """,
     ),
+    Migration(
+        4,
+        "each item's concurrent edits (siblings): the edits no other applied edit of it follows",
+        """
+        CREATE TABLE item_versions (
+            item_id TEXT NOT NULL,
+            replica TEXT NOT NULL,
+            seq     INTEGER NOT NULL,
+            hlc     INTEGER NOT NULL,
+            context BLOB NOT NULL,
+            payload BLOB NOT NULL,
+            PRIMARY KEY (item_id, replica, seq)
+        ) STRICT, WITHOUT ROWID;
+        """,
+    ),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version

@@ -11,7 +11,9 @@ replicas that applied the same changes (each in a causal order: a change after e
 ``context`` names) hold the same state, which :meth:`Store.state_digest` shows:
 
 * ``item.put`` is last-writer-wins on (hybrid logical timestamp, replica id), field by field the
-  winning edit's, except ``last_used_at``, which only grows.
+  winning edit's, except ``last_used_at``, which only grows; edits made concurrently (neither's
+  causal context covers the other) are all kept as siblings (:meth:`Store.item_versions`) until
+  an edit that has seen them all replaces them.
 * ``item.delete`` wins over a concurrent edit: a deleted item stays deleted, and its fields still
   follow the winning edit; concurrent deletes keep the first reason in sort order.
 * ``counter.set`` takes the per-origin maximum (a grow-only counter per origin).
@@ -394,6 +396,20 @@ class Store:
                     digest.update(msgpack.packb(list(row), use_bin_type=True))
         return digest.hexdigest()
 
+    def item_versions(self, item_id: str) -> list[dict[str, Any]]:
+        """The item's current versions, newest first: one when its edits are ordered, several
+        (siblings) when edits were made concurrently and no later edit has reconciled them yet.
+        Each is ``{"replica", "seq", "hlc", "fields"}`` (the fields as the edit wrote them; text
+        fields sealed as stored); the first is the one the item's row shows."""
+        rows = self.reader().execute(
+            "SELECT replica, seq, hlc, payload FROM item_versions WHERE item_id = ? ORDER BY hlc DESC, replica DESC",
+            (item_id,),
+        )
+        return [
+            {"replica": replica, "seq": seq, "hlc": hlc, "fields": msgpack.unpackb(payload, raw=False)}
+            for replica, seq, hlc, payload in rows
+        ]
+
     def version_vector(self) -> dict[str, int]:
         """Highest sequence number held per replica: what this replica has seen."""
         rows = self.reader().execute("SELECT replica_id, max(seq) FROM changes GROUP BY replica_id")
@@ -457,6 +473,7 @@ _DIGEST_QUERIES = (
     "SELECT src_id, dst_id, kind, tenant, created_at, note FROM links ORDER BY src_id, dst_id, kind",
     "SELECT * FROM trajectories ORDER BY id",
     "SELECT * FROM consolidation_runs ORDER BY id",
+    "SELECT item_id, replica, seq, hlc, payload FROM item_versions ORDER BY item_id, replica, seq",
     "SELECT kid, replica, public_key, created_at FROM federation_keys ORDER BY kid",
     "SELECT jti, expires_at, reason FROM federation_revocations ORDER BY jti",
 )
@@ -533,12 +550,49 @@ _ITEM_COLUMNS = (
 )
 
 
+def _record_version(conn: apsw.Connection, change: Change) -> None:
+    """Keep an item's frontier of edits: those that no other applied edit of it follows.
+
+    An edit follows another when its causal context covers it (the editor had applied it). A new
+    edit removes the versions it follows; two edits made without seeing each other both stay, as
+    siblings a reader can see, until an edit made after both (the next write anywhere that has
+    seen them) replaces them. The frontier is a function of which edits a replica applied, not of
+    their order, so replicas agree on it; it holds at most one version per replica.
+    """
+    rows = conn.execute(
+        "SELECT replica, seq, context FROM item_versions WHERE item_id = ?", (change.entity_id,)
+    ).fetchall()
+    for _replica, _seq, context in rows:
+        if msgpack.unpackb(context, raw=False).get(change.replica_id, 0) >= change.seq:
+            return  # an applied edit already follows this one
+    for replica, seq, _context in rows:
+        if change.context.get(replica, 0) >= seq:
+            conn.execute(
+                "DELETE FROM item_versions WHERE item_id = ? AND replica = ? AND seq = ?",
+                (change.entity_id, replica, seq),
+            )
+    fields = {key: value for key, value in change.payload.items() if key != "vector"}
+    conn.execute(
+        "INSERT OR IGNORE INTO item_versions(item_id, replica, seq, hlc, context, payload) VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            change.entity_id,
+            change.replica_id,
+            change.seq,
+            change.hlc,
+            msgpack.packb(change.context, use_bin_type=True),
+            msgpack.packb(fields, use_bin_type=True),
+        ),
+    )
+
+
 def _apply_item_put(conn: apsw.Connection, change: Change) -> None:
     p = change.payload
     existing = conn.execute(
         "SELECT rowid, tenant, deleted, updated_hlc, updated_by FROM items WHERE id = ?", (change.entity_id,)
     ).fetchone()
     values = [p[c] for c in _ITEM_COLUMNS]
+    if existing is None or existing[1] == change.tenant:
+        _record_version(conn, change)
     if existing is None:
         conn.execute(
             f"INSERT INTO items(id, tenant, {', '.join(_ITEM_COLUMNS)}, updated_hlc, updated_by, index_seq) "

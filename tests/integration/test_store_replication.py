@@ -48,16 +48,28 @@ def random_write(store: Store, rng: random.Random) -> None:
     items = live_items(store)
     action = rng.choice(["put", "put", "edit", "delete", "count", "touch", "link"] if items else ["put"])
     if action == "put" or (action == "link" and len(items) < 2):
-        store.commit("acme", [Mutation("item.put", new_id(), item_payload(title=f"t{rng.random()}".encode()))])
+        store.commit(
+            "acme", [Mutation("item.put", new_id(), item_payload(title=f"t{rng.random()}".encode()))]
+        )
     elif action == "edit":
-        store.commit("acme", [Mutation("item.put", rng.choice(items), item_payload(content=f"{rng.random()}".encode()))])
+        store.commit(
+            "acme",
+            [Mutation("item.put", rng.choice(items), item_payload(content=f"{rng.random()}".encode()))],
+        )
     elif action == "delete":
-        store.commit("acme", [Mutation("item.delete", rng.choice(items), {"reason": rng.choice(["dup", "wrong"])})])
+        store.commit(
+            "acme", [Mutation("item.delete", rng.choice(items), {"reason": rng.choice(["dup", "wrong"])})]
+        )
     elif action == "count":
         origin = store.replica_id
-        store.commit("acme", [Mutation("counter.add", rng.choice(items), {"origin": origin, "uses": 1, "successes": 1})])
+        store.commit(
+            "acme",
+            [Mutation("counter.add", rng.choice(items), {"origin": origin, "uses": 1, "successes": 1})],
+        )
     elif action == "touch":
-        store.commit("acme", [Mutation("item.touch", rng.choice(items), {"last_used_at": rng.uniform(1, 100)})])
+        store.commit(
+            "acme", [Mutation("item.touch", rng.choice(items), {"last_used_at": rng.uniform(1, 100)})]
+        )
     else:
         src, dst = rng.sample(items, 2)
         payload = {"src_id": src, "dst_id": dst, "kind": "refines", "created_at": 1.0}
@@ -118,9 +130,39 @@ def test_a_delta_whose_body_disagrees_with_its_envelope_is_refused(replicas):
     forged = [
         Delta("r-x", honest.seq, honest.tenant, VectorClock.of({"r-x": honest.seq - 1}), honest.body),
         Delta(honest.origin, honest.seq, "other-tenant", honest.context, honest.body),
-        Delta(honest.origin, honest.seq + 1, honest.tenant, honest.context.advance("r-a", honest.seq), honest.body),
+        Delta(
+            honest.origin,
+            honest.seq + 1,
+            honest.tenant,
+            honest.context.advance("r-a", honest.seq),
+            honest.body,
+        ),
         Delta(honest.origin, honest.seq, honest.tenant, honest.context, b"\x93junk"),
     ]
     for delta in forged:
         with pytest.raises(InvalidInputError):
             change_of(delta)
+
+
+def test_concurrent_edits_stay_as_siblings_until_an_edit_that_saw_both(replicas):
+    a, b, c = (replicas[name] for name in REPLICAS)
+    item = new_id()
+    a.commit("acme", [Mutation("item.put", item, item_payload(content=b"first"))])
+    pull(b, a, 1 << 20)
+    a.commit("acme", [Mutation("item.put", item, item_payload(content=b"edited at a"))])
+    b.commit("acme", [Mutation("item.put", item, item_payload(content=b"edited at b"))])
+    assert [v["fields"]["content"] for v in a.item_versions(item)] == [b"edited at a"]
+    for receiver, sender in ((a, b), (b, a), (c, b), (c, a)):  # c learns b's edit before a's
+        pull(receiver, sender, 1 << 20)
+    siblings = {
+        store.replica_id: [v["fields"]["content"] for v in store.item_versions(item)] for store in (a, b, c)
+    }
+    assert siblings["r-a"] == siblings["r-b"] == siblings["r-c"]
+    assert sorted(siblings["r-a"]) == [b"edited at a", b"edited at b"]
+    shown = a.reader().execute("SELECT content FROM items WHERE id = ?", (item,)).fetchone()[0]
+    assert shown == siblings["r-a"][0]  # the row shows the newest sibling
+    c.commit("acme", [Mutation("item.put", item, item_payload(content=b"merged at c"))])
+    for receiver in (a, b):
+        pull(receiver, c, 1 << 20)
+    assert all([v["fields"]["content"] for v in s.item_versions(item)] == [b"merged at c"] for s in (a, b, c))
+    assert a.state_digest() == b.state_digest() == c.state_digest()
