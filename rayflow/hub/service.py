@@ -135,6 +135,25 @@ class HubService:
         )
         return {"id": item.id}
 
+    def edit_item(
+        self,
+        claims: Claims,
+        *,
+        id: str,
+        title: str | None = None,
+        description: str | None = None,
+        content: str | None = None,
+        tags: list[str] | None = None,
+    ) -> dict[str, Any]:
+        _require_scope(claims, Scope.WRITE)
+        self._ensure_tenant(claims.tenant)
+        current = self.bank.get(claims.tenant, id)
+        if not claims.allows_namespace(current.namespace):
+            raise ItemNotFoundError(f"no item {id}")  # as for get: outside the token, it does not exist
+        authorize(claims, Scope.WRITE, current.namespace)
+        item = self.bank.edit_item(claims.tenant, id, title=title, description=description, content=content, tags=tags)
+        return item_to_wire(item)
+
     def record_trajectory(self, claims: Claims, *, trajectory: dict[str, Any]) -> dict[str, Any]:
         parsed = trajectory_from_wire(trajectory)
         namespace = normalize_namespace(parsed.namespace)

@@ -11,6 +11,7 @@ ids that do not exist.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -46,6 +47,7 @@ from rayflow.memory.store import Mutation, Store, default_database_path
 from rayflow.namespace import ROOT, normalize_namespace
 from rayflow.tenant import validate_tenant_name
 from rayflow.wire.memory_records import (
+    ItemVersion,
     Lesson,
     MemoryItem,
     Outcome,
@@ -466,7 +468,80 @@ class ReasoningBank:
         rows = self._fetch_items(tenant, "i.id = ?", (item_id,))
         if not rows:
             raise ItemNotFoundError(f"no item {item_id} for tenant {tenant!r}", item_id=item_id)
-        return self._decode_item(tenant, rows[0])
+        item = self._decode_item(tenant, rows[0])
+        versions = self.store.item_versions(item_id)
+        if len(versions) < 2:
+            return item
+        # The first version is the one the row shows; the others were made concurrently with it.
+        cipher = self._ciphers.cipher(tenant)
+        siblings = tuple(
+            ItemVersion(
+                replica=version["replica"],
+                title=cipher.decrypt(fields["title"], _aad(item_id, "title")),
+                description=cipher.decrypt(fields["description"], _aad(item_id, "description")),
+                content=cipher.decrypt(fields["content"], _aad(item_id, "content")),
+                tags=tuple(json.loads(fields["tags"])),
+                domain=fields["domain"],
+                outcome=Outcome(fields["outcome"]),
+            )
+            for version in versions[1:]
+            for fields in (version["fields"],)
+        )
+        return dataclasses.replace(item, siblings=siblings)
+
+    def edit_item(
+        self,
+        tenant: str,
+        item_id: str,
+        *,
+        title: str | None = None,
+        description: str | None = None,
+        content: str | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> MemoryItem:
+        """Change a live item's text or tags (what is not given stays); returns the item as edited.
+
+        The edit is made after every version this replica holds, so it also reconciles siblings
+        (concurrent edits from other regions): what the caller sends becomes the one version.
+        Secrets are scrubbed and the item is re-embedded when its text changed.
+        """
+        current = self.get(tenant, item_id)
+        lesson = self._clean_lesson(
+            Lesson(
+                title=current.title if title is None else title,
+                description=current.description if description is None else description,
+                content=current.content if content is None else content,
+                outcome=current.outcome,
+                tags=current.tags if tags is None else _validate_tags(tags),
+                confidence=current.prior_confidence,
+            )
+        )
+        row = self.store.reader().execute(
+            "SELECT e.vector FROM embeddings e JOIN items i ON i.rowid = e.item_rowid WHERE i.id = ?", (item_id,)
+        ).fetchone()
+        same_text = (lesson.title, lesson.description, lesson.content) == (
+            current.title, current.description, current.content
+        )  # fmt: skip
+        vector = row[0] if same_text and row is not None else self.embedder.embed([_embedding_text(lesson)])[0]
+        cipher = self._ciphers.cipher(tenant)
+        payload = {
+            "namespace": current.namespace,
+            "tags": json.dumps(list(lesson.tags)),
+            "domain": current.domain,
+            "outcome": current.outcome.value,
+            "prior_confidence": float(current.prior_confidence),
+            "created_at": current.created_at,
+            "last_used_at": current.last_used_at,
+            "source_task": current.source_task,
+            "source_agent": current.source_agent,
+            "embedding_model": self.embedder.name,
+            "dim": self.embedder.dim,
+            "vector": vector if isinstance(vector, bytes) else np.asarray(vector, dtype="<f4").tobytes(),
+        }
+        for name in _TEXT_FIELDS:
+            payload[name] = cipher.encrypt(getattr(lesson, name), _aad(item_id, name))
+        self.store.commit(tenant, [Mutation("item.put", item_id, payload)])
+        return self.get(tenant, item_id)
 
     def links(self, tenant: str, item_id: str) -> list[tuple[str, str, str]]:
         """(src, kind, dst) links touching an item of ``tenant``."""

@@ -125,6 +125,17 @@ class _HubOps:
             embedding=None if embedding is None else _as_bytes(embedding),
         )
 
+    def edit_item(
+        self,
+        id: str,  # the op's argument name
+        *,
+        title: str | None = None,
+        description: str | None = None,
+        content: str | None = None,
+        tags: list[str] | None = None,
+    ) -> Any:
+        return self._call("edit_item", id=id, title=title, description=description, content=content, tags=tags)
+
     def record_trajectory(self, trajectory: Trajectory) -> Any:
         return self._call("record_trajectory", trajectory=trajectory_to_wire(trajectory))
 

@@ -107,6 +107,18 @@ OPS: Mapping[str, OpInfo] = MappingProxyType(
                 "embedding": optional(bytes),
             },
         ),
+        "edit_item": OpInfo(
+            WRITE,
+            False,
+            "Change an item's text or tags (what is not given stays); reconciles concurrent versions.",
+            {
+                "id": str,
+                "title": optional(str),
+                "description": optional(str),
+                "content": optional(str),
+                "tags": optional(list),
+            },
+        ),
         "record_trajectory": OpInfo(
             WRITE,
             False,

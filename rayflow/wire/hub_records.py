@@ -35,6 +35,19 @@ def item_to_wire(item: MemoryItem) -> dict[str, Any]:
         "last_used_at": item.last_used_at,
         "source_task": item.source_task,
         "source_agent": item.source_agent,
+        # Versions made concurrently in other regions and not reconciled yet (usually none).
+        "siblings": [
+            {
+                "replica": version.replica,
+                "title": version.title,
+                "description": version.description,
+                "content": version.content,
+                "tags": list(version.tags),
+                "domain": version.domain,
+                "outcome": version.outcome.value,
+            }
+            for version in item.siblings
+        ],
     }
 
 

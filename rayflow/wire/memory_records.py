@@ -27,6 +27,20 @@ class LinkKind(str, Enum):
 
 
 @dataclass(frozen=True)
+class ItemVersion:
+    """Another version of an item, made concurrently with the one shown (in another region,
+    before either had seen the other): kept until an edit that has seen both reconciles them."""
+
+    replica: str
+    title: str
+    description: str
+    content: str
+    tags: tuple[str, ...] = ()
+    domain: str = ""
+    outcome: Outcome = Outcome.SUCCESS
+
+
+@dataclass(frozen=True)
 class MemoryItem:
     """One distilled piece of reasoning: a strategy that worked, or a lesson from a failure."""
 
@@ -53,6 +67,8 @@ class MemoryItem:
     #: Pseudo-observations the prior is worth, as configured in the bank that read this item
     #: (``memory.prior_strength``), so the reliability shown is the one that ranks.
     prior_strength: float = 2.0
+    #: Concurrent versions not reconciled yet (empty when the item's edits are ordered).
+    siblings: tuple[ItemVersion, ...] = ()
 
     @property
     def reliability(self) -> float:

@@ -209,3 +209,27 @@ def test_a_client_built_from_the_servers_endpoint_reaches_it(tmp_path):
             assert (await direct.health())["region"] == "us-west"
 
     run(_with_hub(tmp_path, body))
+
+
+def test_an_item_is_edited_in_place_and_only_within_the_tokens_reach(tmp_path):
+    async def body(hub, client):
+        writer = client(hub.issue_token("w", "acme", ["*"], RW))
+        team_a = client(hub.issue_token("a", "acme", ["team-a/*"], RW))
+        reader = client(hub.issue_token("r", "acme", ["*"], ["reasoningbank:read"]))
+        globex = client(hub.issue_token("g", "globex", ["*"], RW))
+        stored = await writer.store_pattern(namespace="team-b/ci", title="Flaky", content="retry once", tags=["ci"])
+        edited = await writer.edit_item(stored["id"], content="retry up to three times")
+        assert (edited["id"], edited["title"], edited["content"], edited["tags"]) == (
+            stored["id"], "Flaky", "retry up to three times", ["ci"]
+        )  # fmt: skip
+        assert edited["siblings"] == [] and (await writer.get(stored["id"]))["content"] == "retry up to three times"
+        hits = await writer.search("retry up to three times", k=1)
+        assert hits[0]["item"]["id"] == stored["id"]  # re-embedded with its new text
+        for outsider in (team_a, globex):
+            with pytest.raises(ItemNotFoundError):
+                await outsider.edit_item(stored["id"], content="vandalised")
+        with pytest.raises(PermissionDeniedError):
+            await reader.edit_item(stored["id"], content="vandalised")
+        assert (await writer.get(stored["id"]))["content"] == "retry up to three times"
+
+    run(_with_hub(tmp_path, body))

@@ -13,30 +13,17 @@ import random
 import pytest
 
 from rayflow.errors import InvalidInputError
-from rayflow.hub.replication import StoreDeltaSource, apply_deltas, change_of, delta_of
+from rayflow.hub.replication import apply_deltas, change_of, delta_of
 from rayflow.ids import new_id
 from rayflow.memory.store import Mutation, Store
 from rayflow.sync.delta import Delta
 from rayflow.sync.receive_window import ReceiveWindow
 from rayflow.sync.vector_clock import VectorClock
-from tests.store_support import item_payload
+from tests.store_support import item_payload, pull
 
 pytestmark = pytest.mark.integration
 
 REPLICAS = ("r-a", "r-b", "r-c")
-
-
-def pull(receiver: Store, sender: Store, max_bytes: int) -> int:
-    """``receiver`` pulls what it lacks from ``sender`` in batches of ``max_bytes``; returns deltas applied."""
-    window = ReceiveWindow(VectorClock.of(receiver.version_vector()))
-    source = StoreDeltaSource(sender)
-    applied = 0
-    while True:
-        batch = source.deltas_after(window.wants(), max_bytes)
-        if not batch:
-            return applied
-        for delta in batch:
-            applied += apply_deltas(receiver, window.offer(delta))
 
 
 def live_items(store: Store) -> list[str]:
@@ -166,3 +153,41 @@ def test_concurrent_edits_stay_as_siblings_until_an_edit_that_saw_both(replicas)
         pull(receiver, c, 1 << 20)
     assert all([v["fields"]["content"] for v in s.item_versions(item)] == [b"merged at c"] for s in (a, b, c))
     assert a.state_digest() == b.state_digest() == c.state_digest()
+
+
+def test_a_reader_sees_concurrent_edits_as_siblings_and_the_next_edit_reconciles_them(tmp_path):
+    """Two banks holding the same tenant key (as replicas sharing it will) edit one lesson at once."""
+    import secrets
+
+    from rayflow.config import load_config
+    from rayflow.memory.bank import ReasoningBank
+    from rayflow.memory.crypto import InMemoryKeyProvider
+
+    key = secrets.token_bytes(32)
+    banks = [
+        ReasoningBank(tmp_path / name, config=load_config({"state_dir": tmp_path / name, "replica_id": name}),
+                      key_provider=InMemoryKeyProvider({"acme": key}))
+        for name in ("bank-us", "bank-eu")
+    ]  # fmt: skip
+    us, eu = banks
+    try:
+        us.create_tenant("acme")
+        item = us.store_item("acme", namespace="runs", title="retry flaky tests", content="retry once")
+        pull(eu.store, us.store, 1 << 20)
+        us.edit_item("acme", item.id, content="retry up to three times")
+        eu.edit_item("acme", item.id, content="quarantine the test instead")
+        pull(eu.store, us.store, 1 << 20)
+        pull(us.store, eu.store, 1 << 20)
+        seen = [bank.get("acme", item.id) for bank in banks]
+        assert seen[0].content == seen[1].content  # both show the same winner ...
+        assert [s.content for s in seen[0].siblings] == [s.content for s in seen[1].siblings]
+        both = {seen[0].content, *(s.content for s in seen[0].siblings)}
+        assert both == {"retry up to three times", "quarantine the test instead"}  # ... and the other edit
+        us.edit_item("acme", item.id, content="retry twice, then quarantine")
+        pull(eu.store, us.store, 1 << 20)
+        for bank in banks:
+            reconciled = bank.get("acme", item.id)
+            assert (reconciled.content, reconciled.siblings) == ("retry twice, then quarantine", ())
+    finally:
+        for bank in banks:
+            bank.close()
