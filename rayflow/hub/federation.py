@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between dial attempts to an unreachable peer: doubling from the first to the last.
 DIAL_BACKOFF_S = (0.2, 5.0)
+#: Most sync connections a node holds at once (dialled and accepted); more are refused at once.
+MAX_CONNECTIONS = 64
+#: Seconds a connection may take to prove who it is; one that has not by then is closed.
+HANDSHAKE_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -70,21 +74,35 @@ class _Connection:
         self.expected = expected
         self.link: Link | None = None
         self.peer_id: str | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     # -- LinkHandler -----------------------------------------------------------------------------
     def opened(self, link: Link) -> None:
         self.link = link
+        if len(self.node._connections) >= self.node.max_connections:
+            # Hostile or not, a node serves a bounded number of peers: refuse before any work.
+            link.close("too many sync connections")
+            return
         self.node._connections.add(self)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.node.handshake_timeout_s, self._check_identified)
         if self.role == "initiator":
             self.session.connect()
         self.pump()
+
+    def _check_identified(self) -> None:
+        if self.peer_id is None and self.link is not None and not self.ended.done():
+            self.node._status(self.expected or "?").last_error = "no proof of identity in time"
+            self.link.close("no proof of identity in time")
 
     def received(self, data: bytes) -> None:
         self.session.receive(data)
         self.pump()
 
     def lost(self, reason: str) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.session.connection_lost(reason)
         self.pump()
         self.node._connections.discard(self)
@@ -128,6 +146,8 @@ class FederationNode:
     server_names: Sequence[str] = ()
     clock: Callable[[], float] = time.time
     window_bytes: int = 4 * 1024 * 1024
+    max_connections: int = MAX_CONNECTIONS
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     _server: StreamLinkServer | None = field(default=None, init=False)
     _connections: set[_Connection] = field(default_factory=set, init=False)
     _dialers: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False)

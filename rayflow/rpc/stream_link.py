@@ -55,7 +55,9 @@ class LinkHandler(Protocol):
     """The owner's side of one connection."""
 
     def opened(self, link: Link) -> None:
-        """The stream exists: the handler may send (called once, before any ``received``)."""
+        """The connection is up (called once, before any ``received``). The initiator's stream
+        exists and it may send; the responder answers once bytes arrived (its sends before the
+        initiator's first bytes are dropped: the stream does not exist yet)."""
 
     def received(self, data: bytes) -> None:
         """Bytes of the stream, in order, in chunks of any size."""
@@ -112,10 +114,13 @@ class _LinkProtocol(QuicConnectionProtocol):
         if isinstance(event, events.HandshakeCompleted):
             if not self.ready.done():
                 self.ready.set_result(None)
+            if not self._quic.configuration.is_client:
+                # The responder's handler starts now, not at the first byte: a peer that connects
+                # and says nothing is still on its clock (and counted against the node's bound).
+                self._opened()
         elif isinstance(event, events.StreamDataReceived):
             if self.stream_id is None:
                 self.stream_id = event.stream_id  # the responder: the initiator's first stream
-                self._opened()
             if event.stream_id != self.stream_id:
                 self.close("one stream per sync connection")
                 return

@@ -138,3 +138,46 @@ def test_a_stranger_or_a_revoked_replica_gets_nothing_and_gives_nothing(mesh, tm
     finally:
         stranger.stop()
         revoked.stop()
+
+
+class SilentPeer:
+    """A QUIC client of the sync port that never says who it is (a LinkHandler)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def opened(self, link: Any) -> None:
+        link.send(b"")  # nothing: the stream exists but carries no hello
+
+    def received(self, data: bytes) -> None:
+        return None
+
+    def lost(self, reason: str) -> None:
+        self.reason = reason
+
+
+def test_silent_or_surplus_connections_are_closed_and_the_node_keeps_serving(tmp_path, authority):
+    from rayflow.rpc.stream_link import open_link
+
+    us = NodeThread(
+        tmp_path, ReplicaIdentity.create(authority, "hub-us", "us-west", not_after=LATER), authority
+    )
+    eu = NodeThread(
+        tmp_path, ReplicaIdentity.create(authority, "hub-eu", "eu-central", not_after=LATER), authority
+    )
+    try:
+        us.node.handshake_timeout_s, us.node.max_connections = 1.0, 2
+        us.store.commit("acme", [Mutation("tenant.put", "acme", {"created_at": 1.0})])
+        host, port = us.node.address
+        silent = [SilentPeer() for _ in range(3)]
+        for peer in silent:
+            eu.call(open_link(peer, host, port, ca_pem=us.node.ca_pem))
+        assert eventually(lambda: all(peer.reason for peer in silent), 30)
+        reasons = sorted(str(peer.reason) for peer in silent)
+        assert any("too many" in reason for reason in reasons), reasons
+        assert sum("no proof of identity" in reason for reason in reasons) == 2, reasons
+        eu.add_peer(us.run(us.node.peer_address))  # a member is still served
+        assert eventually(lambda: eu.store.version_vector() == us.store.version_vector())
+    finally:
+        us.stop()
+        eu.stop()
