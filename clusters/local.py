@@ -22,6 +22,7 @@ so that the resource marks the region without limiting how many tasks run there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -443,11 +444,9 @@ def _token_by_value(auth: Mapping[str, str]) -> dict[str, str]:
 
 def _wait_for_tcp(host: str, port: int, node: NodeRecord, temp_dir: str, deadline: float) -> None:
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError:
-            pass
+        # Refused or unreachable: the head is still starting (unless it died, checked next).
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+            return
         _require_running(node, temp_dir)
         time.sleep(0.2)
     raise RayflowError(f"the head node did not come up in time; see {node.log_path}", log=node.log_path)
