@@ -222,9 +222,11 @@ class FederationNode:
             window_bytes=self.window_bytes,
         )
 
-    def _accept(self, address: tuple[str, int]) -> _Connection:
+    def _accept(self) -> _Connection:
         # The responder binds the handshake to its own trust anchor, as the initiator pinned it.
-        return _Connection(self, self._session("responder", channel_binding(self.ca_pem), None), "responder", None)
+        return _Connection(
+            self, self._session("responder", channel_binding(self.ca_pem), None), "responder", None
+        )
 
     async def _keep_dialling(self, peer: PeerAddress) -> None:
         delay = DIAL_BACKOFF_S[0]

@@ -36,7 +36,7 @@ from rayflow.errors import (
 from rayflow.ids import is_valid_id, new_id
 from rayflow.memory.attributes import FilterKey, TenantAttributes
 from rayflow.memory.consolidate import plan_consolidation
-from rayflow.memory.crypto import CipherCache, FileKeyProvider, KeyProvider
+from rayflow.memory.crypto import CipherCache, FileKeyProvider, KeyProvider, TenantCipher
 from rayflow.memory.distill import Distiller, RuleDistiller
 from rayflow.memory.embedding import Embedder, embedder_from_name
 from rayflow.memory.index import IndexSet, TenantIndex
@@ -192,9 +192,11 @@ class ReasoningBank:
         """
         state = self._tenants.get(tenant)
         if state is not None:
-            (newest,) = self.store.reader().execute(
-                "SELECT max(index_seq) FROM items WHERE tenant = ?", (tenant,)
-            ).fetchone()
+            (newest,) = (
+                self.store.reader()
+                .execute("SELECT max(index_seq) FROM items WHERE tenant = ?", (tenant,))
+                .fetchone()
+            )
             if newest is not None and newest > state.index.high_water:
                 self._catch_up(tenant, state)
             return state
@@ -392,22 +394,10 @@ class ReasoningBank:
                 dim=self.embedder.dim,
                 prior_strength=self._memory.prior_strength,
             )
-            payload = {
-                "namespace": namespace,
-                "tags": json.dumps(list(lesson.tags)),
-                "domain": domain,
-                "outcome": lesson.outcome.value,
-                "prior_confidence": float(lesson.confidence),
-                "created_at": now,
-                "last_used_at": None,
-                "source_task": source_task,
-                "source_agent": source_agent,
-                "embedding_model": self.embedder.name,
-                "dim": self.embedder.dim,
-                "vector": np.asarray(vector, dtype="<f4").tobytes(),
-            }
-            for name in _TEXT_FIELDS:
-                payload[name] = cipher.encrypt(getattr(lesson, name), _aad(item_id, name))
+            payload = self._item_payload(
+                cipher, item_id, lesson, namespace=namespace, domain=domain, created_at=now, last_used_at=None,
+                source_task=source_task, source_agent=source_agent, vector=vector,
+            )  # fmt: skip
             items.append(item)
             mutations.append(Mutation("item.put", item_id, payload))
         return items, mutations
@@ -476,10 +466,8 @@ class ReasoningBank:
         cipher = self._ciphers.cipher(tenant)
         siblings = tuple(
             ItemVersion(
-                replica=version["replica"],
-                title=cipher.decrypt(fields["title"], _aad(item_id, "title")),
-                description=cipher.decrypt(fields["description"], _aad(item_id, "description")),
-                content=cipher.decrypt(fields["content"], _aad(item_id, "content")),
+                version["replica"],
+                *_open_texts(cipher, item_id, fields),
                 tags=tuple(json.loads(fields["tags"])),
                 domain=fields["domain"],
                 outcome=Outcome(fields["outcome"]),
@@ -516,32 +504,60 @@ class ReasoningBank:
                 confidence=current.prior_confidence,
             )
         )
-        row = self.store.reader().execute(
-            "SELECT e.vector FROM embeddings e JOIN items i ON i.rowid = e.item_rowid WHERE i.id = ?", (item_id,)
-        ).fetchone()
+        row = (
+            self.store.reader()
+            .execute(
+                "SELECT e.vector FROM embeddings e JOIN items i ON i.rowid = e.item_rowid WHERE i.id = ?",
+                (item_id,),
+            )
+            .fetchone()
+        )
         same_text = (lesson.title, lesson.description, lesson.content) == (
             current.title, current.description, current.content
         )  # fmt: skip
-        vector = row[0] if same_text and row is not None else self.embedder.embed([_embedding_text(lesson)])[0]
-        cipher = self._ciphers.cipher(tenant)
-        payload = {
-            "namespace": current.namespace,
+        vector = (
+            row[0] if same_text and row is not None else self.embedder.embed([_embedding_text(lesson)])[0]
+        )
+        payload = self._item_payload(
+            self._ciphers.cipher(tenant), item_id, lesson, namespace=current.namespace, domain=current.domain,
+            created_at=current.created_at, last_used_at=current.last_used_at, source_task=current.source_task,
+            source_agent=current.source_agent, vector=vector,
+        )  # fmt: skip
+        self.store.commit(tenant, [Mutation("item.put", item_id, payload)])
+        return self.get(tenant, item_id)
+
+    def _item_payload(
+        self,
+        cipher: TenantCipher,
+        item_id: str,
+        lesson: Lesson,
+        *,
+        namespace: str,
+        domain: str,
+        created_at: float,
+        last_used_at: float | None,
+        source_task: str,
+        source_agent: str,
+        vector: np.ndarray | bytes,
+    ) -> dict[str, Any]:
+        """The ``item.put`` payload of ``lesson`` as item ``item_id``: its text sealed for the tenant."""
+        payload: dict[str, Any] = {
+            "namespace": namespace,
             "tags": json.dumps(list(lesson.tags)),
-            "domain": current.domain,
-            "outcome": current.outcome.value,
-            "prior_confidence": float(current.prior_confidence),
-            "created_at": current.created_at,
-            "last_used_at": current.last_used_at,
-            "source_task": current.source_task,
-            "source_agent": current.source_agent,
+            "domain": domain,
+            "outcome": lesson.outcome.value,
+            "prior_confidence": float(lesson.confidence),
+            "created_at": created_at,
+            "last_used_at": last_used_at,
+            "source_task": source_task,
+            "source_agent": source_agent,
             "embedding_model": self.embedder.name,
             "dim": self.embedder.dim,
             "vector": vector if isinstance(vector, bytes) else np.asarray(vector, dtype="<f4").tobytes(),
         }
         for name in _TEXT_FIELDS:
             payload[name] = cipher.encrypt(getattr(lesson, name), _aad(item_id, name))
-        self.store.commit(tenant, [Mutation("item.put", item_id, payload)])
-        return self.get(tenant, item_id)
+        return payload
 
     def links(self, tenant: str, item_id: str) -> list[tuple[str, str, str]]:
         """(src, kind, dst) links touching an item of ``tenant``."""
@@ -571,14 +587,15 @@ class ReasoningBank:
     def _decode_item(self, tenant: str, row: tuple[Any, ...]) -> MemoryItem:
         (_rowid, item_id, namespace, title, description, content, tags, domain, outcome, prior, created,
          last_used, source_task, source_agent, model, dim, uses, successes, failures) = row  # fmt: skip
-        cipher = self._ciphers.cipher(tenant)
+        sealed = {"title": title, "description": description, "content": content}
+        title, description, content = _open_texts(self._ciphers.cipher(tenant), item_id, sealed)
         return MemoryItem(
             id=item_id,
             tenant=tenant,
             namespace=namespace,
-            title=cipher.decrypt(title, _aad(item_id, "title")),
-            description=cipher.decrypt(description, _aad(item_id, "description")),
-            content=cipher.decrypt(content, _aad(item_id, "content")),
+            title=title,
+            description=description,
+            content=content,
             tags=tuple(json.loads(tags)),
             domain=domain,
             outcome=Outcome(outcome),
@@ -829,7 +846,9 @@ class ReasoningBank:
         """
         state = self._tenant(tenant)
         started = self._clock()
-        plan = plan_consolidation(self._memory, self.store.reader(), tenant, state.index, full=full, now=started)
+        plan = plan_consolidation(
+            self._memory, self.store.reader(), tenant, state.index, full=full, now=started
+        )
         run_id = new_id()
         mutations = list(plan.mutations)
         mutations.append(
@@ -926,3 +945,8 @@ def _validate_tags(tags: Iterable[str]) -> tuple[str, ...]:
     if len(cleaned) > MAX_TAGS:
         raise InvalidInputError(f"at most {MAX_TAGS} tags")
     return cleaned
+
+
+def _open_texts(cipher: TenantCipher, item_id: str, sealed: dict[str, Any]) -> tuple[str, ...]:
+    """The item's text fields (in ``_TEXT_FIELDS`` order) opened from their sealed form."""
+    return tuple(cipher.decrypt(sealed[name], _aad(item_id, name)) for name in _TEXT_FIELDS)

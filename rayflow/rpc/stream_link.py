@@ -158,11 +158,11 @@ class _LinkProtocol(QuicConnectionProtocol):
 
 
 class StreamLinkServer:
-    """Accepts sync connections on one UDP socket; ``handler_for(address)`` handles each."""
+    """Accepts sync connections on one UDP socket; ``new_handler()`` makes the handler of each."""
 
     def __init__(
         self,
-        handler_for: Callable[[tuple[str, int]], LinkHandler],
+        new_handler: Callable[[], LinkHandler],
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -170,7 +170,7 @@ class StreamLinkServer:
         server_names: Sequence[str] = (),
         idle_timeout_s: float = 60.0,
     ) -> None:
-        self.handler_for = handler_for
+        self.new_handler = new_handler
         self.host = host
         self.port = port
         self.tls_dir = tls_dir
@@ -204,46 +204,12 @@ class StreamLinkServer:
         )
 
     def _create_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> _LinkProtocol:
-        protocol = _LinkProtocol(quic, stream_handler)
-        # The peer's address is known once its first datagram arrived; the handler is made then.
-        protocol.handler = _Deferred(lambda: self.handler_for(_peer_address(quic)))
-        return protocol
+        return _LinkProtocol(quic, stream_handler, handler=self.new_handler())
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
-
-
-class _Deferred:
-    """A handler made on first use (the server learns the peer's address after the protocol exists)."""
-
-    def __init__(self, make: Callable[[], LinkHandler]) -> None:
-        self._make = make
-        self._handler: LinkHandler | None = None
-
-    def _get(self) -> LinkHandler:
-        if self._handler is None:
-            self._handler = self._make()
-        return self._handler
-
-    def opened(self, link: Link) -> None:
-        self._get().opened(link)
-
-    def received(self, data: bytes) -> None:
-        self._get().received(data)
-
-    def lost(self, reason: str) -> None:
-        if self._handler is not None:
-            self._handler.lost(reason)
-
-
-def _peer_address(quic: QuicConnection) -> tuple[str, int]:
-    paths = getattr(quic, "_network_paths", [])
-    if paths:
-        addr = paths[0].addr
-        return (str(addr[0]), int(addr[1]))
-    return ("", 0)
 
 
 async def open_link(

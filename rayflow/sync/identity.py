@@ -52,7 +52,8 @@ def _name(value: Any, what: str) -> str:
     return value
 
 
-def _raw(value: Any, size: int, what: str) -> bytes:
+def exact_bytes(value: Any, size: int, what: str) -> bytes:
+    """``value`` if it is exactly ``size`` bytes, else a typed error naming ``what``."""
     if not isinstance(value, bytes) or len(value) != size:
         raise InvalidInputError(f"{what} must be {size} bytes")
     return value
@@ -77,11 +78,11 @@ class ReplicaCredential:
         _name(self.federation, "federation")
         validate_replica_id(self.replica_id)
         _name(self.region, "region")
-        _raw(self.public_key, PUBLIC_KEY_BYTES, "a replica's public key")
+        exact_bytes(self.public_key, PUBLIC_KEY_BYTES, "a replica's public key")
         if isinstance(self.not_after, bool) or not isinstance(self.not_after, int) or self.not_after < 0:
             raise InvalidInputError("not_after must be a non-negative integer (unix seconds)")
         if self.signature:
-            _raw(self.signature, SIGNATURE_BYTES, "a credential signature")
+            exact_bytes(self.signature, SIGNATURE_BYTES, "a credential signature")
 
     def signed_bytes(self) -> bytes:
         """The canonical bytes the federation root signs."""
@@ -121,7 +122,9 @@ class FederationAuthority:
 
     @classmethod
     def from_private_bytes(cls, federation: str, raw: bytes) -> FederationAuthority:
-        return cls(federation, Ed25519PrivateKey.from_private_bytes(_raw(raw, 32, "a root private key")))
+        return cls(
+            federation, Ed25519PrivateKey.from_private_bytes(exact_bytes(raw, 32, "a root private key"))
+        )
 
     def private_bytes(self) -> bytes:
         return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
@@ -156,7 +159,7 @@ class FederationTrust:
 
     def __post_init__(self) -> None:
         _name(self.federation, "federation")
-        _raw(self.root_public_key, PUBLIC_KEY_BYTES, "the federation root key")
+        exact_bytes(self.root_public_key, PUBLIC_KEY_BYTES, "the federation root key")
 
     def to_wire(self) -> list[Any]:
         return [self.federation, self.root_public_key, sorted(self.revoked)]
@@ -207,9 +210,9 @@ def transcript(
         federation,
         initiator,
         responder,
-        _raw(initiator_nonce, NONCE_BYTES, "the initiator's nonce"),
-        _raw(responder_nonce, NONCE_BYTES, "the responder's nonce"),
-        _raw(binding, 32, "the channel binding"),
+        exact_bytes(initiator_nonce, NONCE_BYTES, "the initiator's nonce"),
+        exact_bytes(responder_nonce, NONCE_BYTES, "the responder's nonce"),
+        exact_bytes(binding, 32, "the channel binding"),
     ]
     return _TRANSCRIPT_LABEL + msgpack.packb(fields, use_bin_type=True)
 
@@ -237,7 +240,9 @@ class ReplicaIdentity:
 
     @classmethod
     def from_private_bytes(cls, credential: ReplicaCredential, raw: bytes) -> ReplicaIdentity:
-        return cls(credential, Ed25519PrivateKey.from_private_bytes(_raw(raw, 32, "a replica's private key")))
+        return cls(
+            credential, Ed25519PrivateKey.from_private_bytes(exact_bytes(raw, 32, "a replica's private key"))
+        )
 
     def private_bytes(self) -> bytes:
         return self.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())

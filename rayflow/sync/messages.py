@@ -33,7 +33,7 @@ import msgpack
 
 from rayflow.errors import InvalidInputError, PayloadTooLargeError
 from rayflow.sync.delta import MAX_DELTA_BYTES, Delta
-from rayflow.sync.identity import NONCE_BYTES, SIGNATURE_BYTES, ReplicaCredential
+from rayflow.sync.identity import NONCE_BYTES, SIGNATURE_BYTES, ReplicaCredential, exact_bytes
 from rayflow.sync.vector_clock import MAX_REPLICAS, VectorClock, validate_replica_id
 from rayflow.wire.framing import FrameSplitter, frame
 
@@ -85,12 +85,6 @@ def _clock(value: object, what: str) -> VectorClock:
     return value
 
 
-def _bytes(value: object, size: int, what: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != size:
-        raise InvalidInputError(f"{what} must be {size} bytes")
-    return value
-
-
 def _fields(obj: dict[str, Any], names: tuple[str, ...], what: str) -> list[Any]:
     keys = set(obj)
     if keys != set(names):
@@ -132,7 +126,7 @@ class Hello:
         _int_in(self.window_bytes, 1, MAX_WINDOW_BYTES, "window_bytes")
         if not isinstance(self.credential, ReplicaCredential) or not self.credential.signature:
             raise InvalidInputError("credential must be a signed ReplicaCredential")
-        _bytes(self.nonce, NONCE_BYTES, "nonce")
+        exact_bytes(self.nonce, NONCE_BYTES, "nonce")
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -169,7 +163,7 @@ class Proof:
     signature: bytes
 
     def __post_init__(self) -> None:
-        _bytes(self.signature, SIGNATURE_BYTES, "signature")
+        exact_bytes(self.signature, SIGNATURE_BYTES, "signature")
 
     def to_wire(self) -> dict[str, Any]:
         return {"signature": self.signature}
